@@ -1,0 +1,164 @@
+"""common.py: config parsing, schedules, weight-decay groups, exact resume, DDP equivalence, bad input data."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+from common import ImageFolder, build_dataset, cosine_schedule, load_image, no_decay, param_groups, parse_config
+from conftest import ROOT
+
+
+@dataclass
+class Cfg:
+    """test config"""
+    mask_ratio: float = 0.4   # fraction of patches hidden
+    arch: str = "vit_base"    # backbone size
+    compile: bool = False     # use torch.compile
+    from_: str = ""           # which encoder
+    epochs: int = 300
+    preset: str = ""
+    PRESETS = {"tiny": dict(arch="vit_tiny", epochs=1)}
+
+
+def test_parse_config_spellings_presets_and_help(capsys):
+    assert parse_config(Cfg, []) == Cfg()
+    assert parse_config(Cfg, ["--mask-ratio", "0.6"]).mask_ratio == 0.6
+    assert parse_config(Cfg, ["--mask_ratio", "0.7"]).mask_ratio == 0.7
+    assert parse_config(Cfg, ["--compile"]).compile is True
+    assert parse_config(Cfg, ["--compile", "false"]).compile is False
+    assert parse_config(Cfg, ["--from", "student"]).from_ == "student"
+    c = parse_config(Cfg, ["--preset", "tiny", "--epochs", "5"])   # the flag wins over the preset
+    assert (c.arch, c.epochs) == ("vit_tiny", 5)
+    with pytest.raises(SystemExit):
+        parse_config(Cfg, ["--preset", "nope"])
+    with pytest.raises(SystemExit):
+        parse_config(Cfg, ["--help"])
+    text = capsys.readouterr().out
+    assert "fraction of patches hidden (default: 0.4)" in text and "use torch.compile" in text
+
+
+def test_cosine_schedule():
+    s = cosine_schedule(1.0, 0.1, total_steps=100, warmup_steps=10)
+    assert len(s) == 100 and s[0] == 0.0 and abs(s[10] - 1.0) < 1e-12
+    s = np.array(s)
+    assert np.all(np.diff(s[:11]) > 0) and np.all(np.diff(s[10:]) <= 0)
+    assert abs(s[-1] - 0.1) < 1e-3
+    assert len(cosine_schedule(0.996, 1.0, 7)) == 7 and cosine_schedule(0.996, 1.0, 7)[0] == 0.996
+
+
+def test_param_groups_skip_1d_and_tokens():
+    from finetune import VisionTransformer
+    m = VisionTransformer(16, 4, 32, 1, 2, pos_embed="learned", rel_pos="shared", init_values=0.1)
+    m.mask_token = torch.nn.Parameter(torch.zeros(1, 1, 32))
+    decay, skip = param_groups(m, 0.05)
+    names = {id(p): n for n, p in m.named_parameters()}
+    skipped = {names[id(p)] for p in skip["params"]}
+    assert {"pos_embed", "cls_token", "mask_token", "rel_pos_bias.relative_position_bias_table",
+            "blocks.0.attn.qkv.bias", "blocks.0.ls1.gamma", "norm.weight"} <= skipped
+    assert {names[id(p)] for p in decay["params"]} == {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight",
+                                                      "blocks.0.attn.proj.weight", "blocks.0.mlp.fc1.weight",
+                                                      "blocks.0.mlp.fc2.weight"}
+    assert decay["weight_decay"] == 0.05 and skip["weight_decay"] == 0.0 and not no_decay("x.weight", torch.zeros(2, 2))
+
+
+def run(args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_exact_resume(tmp_path):
+    """4 steps in one go == 2 steps, stop (as if killed), resume, 2 more: identical losses and weights."""
+    base = ["finetune.py", "--preset", "tiny", "--pretrained", "random", "--data", "synthetic", "--epochs", "2",
+            "--steps-per-epoch", "2", "--batch-size", "4", "--log-every", "1"]
+    a = run(base + ["--out", str(tmp_path / "a")])
+    b1 = run(base + ["--out", str(tmp_path / "b"), "--stop-after", "2"])
+    b2 = run(base + ["--out", str(tmp_path / "b")])
+    for r in (a, b1, b2):
+        assert r.returncode == 0, r.stderr
+    assert "resumed from" in b2.stdout
+    loss_lines = lambda out: [l.split("|")[1] for l in out.splitlines() if l.startswith("ep ")]
+    assert loss_lines(a.stdout) == loss_lines(b1.stdout) + loss_lines(b2.stdout)
+    wa = torch.load(tmp_path / "a" / "checkpoint.pth", weights_only=True)
+    wb = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)
+    assert wa["step"] == wb["step"] == 4
+    for k in wa["model"]:
+        assert torch.equal(wa["model"][k], wb["model"][k]), k
+
+
+def test_ddp_matches_single_process(tmp_path):
+    one = run(["tests/ddp_check.py", "8", str(tmp_path / "one.pt")])
+    two = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "tests/ddp_check.py", "8",
+               str(tmp_path / "two.pt")])
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    np.testing.assert_allclose(a["losses"], b["losses"], atol=1e-5)
+    for k in a["weights"]:
+        torch.testing.assert_close(a["weights"][k], b["weights"][k], atol=1e-5, rtol=0)
+
+
+def write_images(folder):
+    """Every odd-but-valid image kind, plus broken files with image extensions."""
+    folder.mkdir(parents=True)
+    rgb = np.random.default_rng(0).integers(0, 255, (20, 24, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(folder / "rgb.jpg")
+    Image.fromarray(rgb).convert("L").save(folder / "gray.png")
+    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(rgb).convert("P").save(folder / "palette.gif")
+    Image.fromarray(rgb).convert("RGBA").save(folder / "alpha.png")
+    Image.fromarray((np.arange(20 * 24).reshape(20, 24) * 100).astype(np.uint16)).save(folder / "sixteen.png")
+    Image.fromarray(rgb[:1, :1]).save(folder / "tiny.png")
+    good = (folder / "rgb.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (folder / "text.jpg").write_text("this is not an image")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.txt").write_text("ignored: not an image extension")
+
+
+def test_odd_images_are_converted_and_bad_ones_skipped(tmp_path, capsys):
+    write_images(tmp_path / "a")
+    ds = ImageFolder(str(tmp_path), T.Compose([T.RandomResizedCrop(16), T.ToTensor()]))
+    assert len(ds) == 10   # .txt is not listed
+    for i in range(len(ds)):
+        x, y = ds[i]
+        assert x.shape == (3, 16, 16) and y == 0
+    assert ds.skipped.item() == 3   # truncated, text, empty
+    assert "skipping unreadable image" in capsys.readouterr().err
+    sixteen = np.asarray(load_image(tmp_path / "a" / "sixteen.png"))
+    assert sixteen.shape == (20, 24, 3) and sixteen.min() == 0 and sixteen.max() == 255   # rescaled, not clipped
+
+
+@pytest.mark.parametrize("layout,msg", [("missing", "does not exist"), ("empty", "no class folders"),
+                                        ("files_only", "no class folders"), ("no_images", "no images")])
+def test_bad_data_dirs_fail_with_one_clear_line(tmp_path, layout, msg):
+    root = tmp_path / "data"
+    if layout != "missing":
+        root.mkdir()
+    if layout == "files_only":
+        (root / "x.jpg").write_bytes(b"")
+    if layout == "no_images":
+        (root / "cls").mkdir()
+        (root / "cls" / "readme.txt").write_text("x")
+    with pytest.raises(SystemExit, match=msg) as e:
+        build_dataset(str(root), "train", None)
+    assert str(root) in str(e.value) and "\n" not in str(e.value)
+    r = run(["finetune.py", "--preset", "tiny", "--pretrained", "random", "--data", str(root), "--out", str(tmp_path / "o")])
+    assert r.returncode == 1 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_run_over_folder_with_bad_files_completes(tmp_path):
+    for c in ("cat", "dog"):
+        write_images(tmp_path / "data" / c)
+    r = run(["finetune.py", "--preset", "tiny", "--pretrained", "random", "--data", str(tmp_path / "data"),
+             "--mode", "knn", "--batch-size", "4", "--out", str(tmp_path / "o")])
+    assert r.returncode == 0, r.stderr
+    assert "holding out 2 of 20" in r.stdout and "kNN" in r.stdout
+    log = [json.loads(l) for l in open(tmp_path / "o" / "log.jsonl")]
+    assert log[-1]["mode"] == "knn"
