@@ -14,22 +14,16 @@ from torch.utils.data import Dataset, DataLoader, DistributedSampler
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
-
-def fail(msg):
-    """One clear line on stderr and exit code 1, before any training starts."""
+def fail(msg):   # one clear line on stderr, exit code 1: for every bad input, before training starts
     raise SystemExit(f"error: {msg}")
 
 # ----------------------------------------------------------------------------- config
-
 
 def parse_config(cls, argv=None):
     """Flat @dataclass of defaults -> CLI. `--mask-ratio 0.6` and `--mask_ratio 0.6` both work; --help shows each
     default with the comment written next to it. `--preset NAME` first applies cls.PRESETS[NAME] (a dict of field
     values), then any flag given on the command line overrides it."""
-    try:
-        comments = dict(re.findall(r"^\s+(\w+)\s*:.*?#\s*(.*)$", inspect.getsource(cls), re.M))
-    except (OSError, TypeError):   # no source file (interactive use): help without comments
-        comments = {}
+    comments = dict(re.findall(r"^\s+(\w+)\s*:.*?#\s*(.*)$", inspect.getsource(cls), re.M))
     parser = argparse.ArgumentParser(description=cls.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     to_bool = lambda s: {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}[s.lower()]
     for f in dataclasses.fields(cls):
@@ -46,7 +40,6 @@ def parse_config(cls, argv=None):
 
 # ----------------------------------------------------------------------------- distributed, seeding, printing
 
-
 def setup_dist(device="cuda"):
     """Plain `python`: (rank 0, world 1, cfg device), no process group. Under torchrun: one process per GPU with
     NCCL, or gloo on CPU (`--device cpu`). Returns (rank, world, torch.device)."""
@@ -61,15 +54,12 @@ def setup_dist(device="cuda"):
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
     return rank, world, torch.device(f"cuda:{local}" if use_cuda else "cpu")
 
-
 def print0(*args, **kwargs):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
 
-
 def seed_all(seed):
     random.seed(seed), np.random.seed(seed % 2**32), torch.manual_seed(seed)
-
 
 def rng_state():
     """Every RNG a training step touches, in a form torch.load(weights_only=True) accepts."""
@@ -77,7 +67,6 @@ def rng_state():
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
 
 def set_rng_state(s):
     torch.set_rng_state(s["torch"]), random.setstate(s["python"])
@@ -87,19 +76,15 @@ def set_rng_state(s):
 
 # ----------------------------------------------------------------------------- schedules and optimizer groups
 
-
 def cosine_schedule(base, final, total_steps, warmup_steps=0, warmup_start=0.0):
     """Per-step values (DINO-style array, as Python floats): linear warmup_start -> base, then cosine -> final."""
     warmup = np.linspace(warmup_start, base, warmup_steps, endpoint=False)
     t = np.arange(max(total_steps - warmup_steps, 0)) / max(total_steps - warmup_steps, 1)
     return np.concatenate([warmup, final + 0.5 * (base - final) * (1 + np.cos(np.pi * t))])[:total_steps].tolist()
 
-
 def no_decay(name, p):
-    """timm/BEiT rule: no weight decay on 1-D parameters (biases, norms, layer scale), position/cls/mask tokens
-    and relative-position tables."""
+    """timm/BEiT: no weight decay on 1-D params (biases, norms, layer scale), position/cls/mask tokens, rel-pos tables."""
     return p.ndim <= 1 or name.split(".")[-1] in ("pos_embed", "cls_token", "mask_token", "relative_position_bias_table")
-
 
 def param_groups(model, weight_decay):
     decay = [p for n, p in model.named_parameters() if p.requires_grad and not no_decay(n, p)]
@@ -107,7 +92,6 @@ def param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": skip, "weight_decay": 0.0}]
 
 # ----------------------------------------------------------------------------- checkpoints and output dir
-
 
 def prepare_out(out, cfg, script):
     """Create the output dir and keep the exact config and script source next to the checkpoints (rank 0)."""
@@ -117,13 +101,11 @@ def prepare_out(out, cfg, script):
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
 
-
 def save_checkpoint(state, path):
     """Atomic: write a temp file, then rename, so a kill mid-write never leaves a broken checkpoint."""
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
-
 
 def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
@@ -132,7 +114,6 @@ def load_checkpoint(path, map_location="cpu"):
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         fail(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}")
-
 
 def resume(out, raw_model, opt, scaler, rank=0, seed=0):
     """Auto-resume from out/checkpoint.pth if present: model, optimizer, scaler, RNG. Returns the global step done.
@@ -148,43 +129,12 @@ def resume(out, raw_model, opt, scaler, rank=0, seed=0):
     print0(f"resumed from {path} at step {ck['step']}")
     return ck["step"]
 
-
 def log_json(out, record):
     if int(os.environ.get("RANK", 0)) == 0:
         with open(os.path.join(out, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
 
-def to_timm_layout(sd):
-    """Our ViT keys -> timm's. vit_* keys already match; with a BEiT relative bias, the beit_* layout: the shared
-    table copied into every block (as BEiT fine-tuning does), qkv.bias split into q_bias/v_bias (the k bias is
-    dropped: softmax ignores a per-query constant), ls{1,2}.gamma -> gamma_{1,2}."""
-    sd, table = dict(sd), sd.get("rel_pos_bias.relative_position_bias_table")
-    if table is None and not any(k.endswith("attn.relative_position_bias_table") for k in sd):
-        return sd
-    sd.pop("rel_pos_bias.relative_position_bias_table", None)
-    for k in [k for k in sd if k.startswith("blocks.")]:
-        b, v = k[:k.index(".", 7) + 1], sd.pop(k)   # b = "blocks.{i}."
-        if k.endswith("attn.qkv.bias"):
-            sd[b + "attn.q_bias"], _, sd[b + "attn.v_bias"] = v.chunk(3)
-        else:
-            sd[re.sub(r"ls(\d)\.gamma$", r"gamma_\1", k)] = v
-        if table is not None and k.endswith("norm1.weight"):
-            sd[b + "attn.relative_position_bias_table"] = table.clone()
-    return sd
-
-
-def from_timm_layout(sd):
-    """timm vit_* / beit_* keys -> ours (per-block relative bias tables, as after to_timm_layout)."""
-    out = {}
-    for k, v in sd.items():
-        if k.endswith("attn.q_bias"):
-            out[k[:-6] + "qkv.bias"] = torch.cat([v, torch.zeros_like(v), sd[k[:-6] + "v_bias"]])
-        elif not k.endswith("attn.v_bias"):
-            out[re.sub(r"gamma_(\d)$", r"ls\1.gamma", k)] = v
-    return out
-
 # ----------------------------------------------------------------------------- data
-
 
 def load_image(path):
     """Any PIL-readable image as RGB: grayscale, CMYK, palette, alpha (composited on black) and 16-bit too."""
@@ -195,10 +145,9 @@ def load_image(path):
             img = Image.fromarray(np.uint8(255 * (a - a.min()) / max(float(a.max() - a.min()), 1e-6)))
         return img.convert("RGBA").convert("RGB") if img.mode in ("P", "PA", "LA") else img.convert("RGB")
 
-
 class ImageFolder(Dataset):
-    """root/class_x/*.jpg. Unreadable or non-image files are skipped: counted in shared memory (visible across
-    loader workers), reported by name on first sight, and replaced by the next readable image."""
+    """root/class_x/*.jpg. An unreadable or non-image file is reported by name, counted in shared memory (seen by
+    all loader workers) and replaced by the next readable image."""
     def __init__(self, root, transform):
         if not os.path.isdir(root):
             fail(f"data directory {root} does not exist")
@@ -212,8 +161,7 @@ class ImageFolder(Dataset):
             fail(f"data directory {root} has class folders but no images ({', '.join(IMG_EXTENSIONS)})")
         self.transform, self.skipped = transform, torch.zeros(1, dtype=torch.int64).share_memory_()
 
-    def __len__(self):
-        return len(self.samples)
+    def __len__(self): return len(self.samples)
 
     def __getitem__(self, idx):
         for k in range(len(self.samples)):
@@ -227,15 +175,13 @@ class ImageFolder(Dataset):
             return self.transform(img), label
         raise RuntimeError(f"no readable image in {len(self.samples)} files")
 
-
 class SyntheticImages(Dataset):
     """Deterministic random images (smoke tests, speed runs): sample i is always the same picture."""
     def __init__(self, n, img_size, transform, num_classes=10):
         self.n, self.size, self.transform, self.classes = n, img_size, transform, [str(i) for i in range(num_classes)]
         self.skipped = torch.zeros(1, dtype=torch.int64)
 
-    def __len__(self):
-        return self.n
+    def __len__(self): return self.n
 
     def __getitem__(self, idx):
         g = torch.Generator().manual_seed(idx)
@@ -243,7 +189,6 @@ class SyntheticImages(Dataset):
         low = torch.nn.functional.interpolate(low[None], size=(self.size, self.size), mode="bilinear")[0]
         img = 0.8 * low + 0.2 * torch.rand(3, self.size, self.size, generator=g)
         return self.transform(Image.fromarray((img.permute(1, 2, 0).numpy() * 255).astype(np.uint8))), idx % len(self.classes)
-
 
 def build_dataset(data, split, transform, img_size=224, synthetic_size=512):
     """`--data synthetic`, `--data ROOT` with ROOT/train and ROOT/val (or validate), or a flat class-folder ROOT
@@ -258,7 +203,6 @@ def build_dataset(data, split, transform, img_size=224, synthetic_size=512):
     has_split_dirs = any(os.path.isdir(os.path.join(data, n)) for n in ("train", "val", "validate"))
     return None if split != "train" or has_split_dirs else ImageFolder(data, transform)
 
-
 class ResumableSampler(DistributedSampler):
     """DistributedSampler (per-epoch seeded shuffle, rank shard) that can start mid-epoch after a resume."""
     def __init__(self, dataset, world, rank, seed, batch_size):
@@ -267,7 +211,6 @@ class ResumableSampler(DistributedSampler):
 
     def __iter__(self):
         return iter(list(super().__iter__())[self.start_step * self.batch_size:])
-
 
 def build_loader(dataset, batch_size, world, rank, seed, workers, device, shuffle=True):
     if len(dataset) < batch_size * world and shuffle:
@@ -279,7 +222,6 @@ def build_loader(dataset, batch_size, world, rank, seed, workers, device, shuffl
                       generator=torch.Generator().manual_seed(seed + rank))
 
 # ----------------------------------------------------------------------------- logging
-
 
 class Progress:
     """Prints `ep e step s/n | loss .. | lr | img/s | eta` every `every` steps; only log steps read device values."""
@@ -299,7 +241,6 @@ class Progress:
         print0(f"ep {epoch} step {it + 1}/{self.total} | " + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
                + f" | lr {lr:.2e} | {rate:.1f} img/s | eta {eta}")
         return vals
-
 
 def reduce_mean(t):
     t = t.detach().float().clone()

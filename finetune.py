@@ -7,7 +7,7 @@ key layout, or torchvision ResNet-50), or a randomly initialised encoder (`--pre
     python finetune.py --pretrained out/conmim/checkpoint.pth --data /imagenet --mode linear     # frozen, linear head
     python finetune.py --pretrained out/conmim/checkpoint.pth --data /imagenet --mode knn        # weighted 20-NN
     torchrun --nproc_per_node 8 finetune.py --pretrained ... --data /imagenet --batch-size 128   # 8 GPUs, batch 1024
-    python finetune.py --pretrained random --arch vit_tiny --patch-size 4 --img-size 32 --data synthetic --device cpu --epochs 1
+    python finetune.py --preset tiny --pretrained random --data synthetic                        # CPU smoke run
 
 Fine-tune recipe (BEiT / ConMIM README, METHODS.md 2.5): AdamW (0.9, 0.999), lr 4e-3 at batch 1024 with layer-wise
 decay 0.65, 100 epochs, 20 warmup, drop path 0.1, RandAugment m9, random erasing 0.25, mixup 0.8 / cutmix 1.0,
@@ -15,9 +15,8 @@ label smoothing 0.1, mean-pooled tokens + fc_norm. Linear probe (BEiT run_linear
 tokens, no BatchNorm, AdamW wd 1e-4. kNN (DINO): L2-normalised features, k = 20, T = 0.07, weighted vote.
 Sections: 1 config | 2 backbone | 3 encoder loading | 4 data | 5 train / eval | 6 main.
 """
-import dataclasses, os
+import dataclasses, os, re
 from itertools import islice
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -29,13 +28,13 @@ from torchvision import transforms as T
 from torchvision.transforms import v2
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, Progress, build_dataset, build_loader, cosine_schedule, fail,
-                    from_timm_layout, load_checkpoint, log_json, no_decay, parse_config, prepare_out, print0,
+                    load_checkpoint, log_json, no_decay, parse_config, prepare_out, print0,
                     resume, rng_state, save_checkpoint, seed_all, setup_dist)
 
 # ----------------------------------------------------------------------------- 1. Config
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     """Fine-tune / linear-probe / kNN evaluation of a pre-trained encoder (defaults: BEiT ViT-B fine-tuning)."""
     mode: str = "finetune"        # finetune | linear | knn
@@ -62,7 +61,6 @@ class Config:
     randaug: int = 9              # RandAugment magnitude (2 ops, as timm rand-m9-mstd0.5); 0 = off
     reprob: float = 0.25          # random erasing probability (pixel mode)
     pool: str = "mean"            # fine-tune head input: mean (patch tokens + fc_norm, BEiT default) | cls
-    clip_grad: float = 0.0        # 0 = off (BEiT fine-tuning does not clip)
     # kNN (DINO)
     knn_k: int = 20               # neighbours
     knn_t: float = 0.07           # temperature of the exp(sim / T) vote weights
@@ -93,6 +91,15 @@ def sincos_pos_embed(D, h, w):
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
     out = [f(c.flatten()[:, None] * omega) for c in (xs, ys) for f in (torch.sin, torch.cos)]  # 4 x (h*w, D/4)
     return torch.cat(out, dim=1).float()                                               # (h*w, D)
+
+
+def resize_pos_embed(pos_embed, old_grid, new_grid):
+    """(1, 1+gh*gw, D) positions for another grid: bicubic on the patch part, the cls position kept."""
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    grid = pos_embed[:, 1:].reshape(1, *old_grid, -1).permute(0, 3, 1, 2)                # (1, D, gh, gw)
+    grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False).to(pos_embed.dtype)
+    return torch.cat([pos_embed[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)         # (1, 1+h*w, D)
 
 
 def rel_pos_index(h, w):
@@ -218,14 +225,8 @@ class VisionTransformer(nn.Module):
     def patchify(self, images):                                        # (B, C, H, W) -> (B, N, D)
         return self.patch_embed.proj(images).flatten(2).transpose(1, 2)
 
-    def pos_embed_for(self, h, w):
-        """Absolute positions for an h x w grid, bicubically resized when it differs from the built grid."""
-        pe = self.pos_embed
-        if (h, w) == self.grid:
-            return pe
-        grid = pe[:, 1:].reshape(1, *self.grid, -1).permute(0, 3, 1, 2)   # (1, D, gh, gw)
-        grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False).to(pe.dtype)
-        return torch.cat([pe[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)  # (1, 1+h*w, D)
+    def pos_embed_for(self, h, w):   # absolute positions for an h x w grid (B, 1+h*w, D)
+        return resize_pos_embed(self.pos_embed, self.grid, (h, w))
 
     def forward_tokens(self, x, grid):
         """x: (B, N, D) patch embeddings (possibly with mask tokens swapped in), grid = (h, w). -> (B, 1+N, D)"""
@@ -239,6 +240,25 @@ class VisionTransformer(nn.Module):
 
     def forward(self, images):                                         # (B, C, H, W) -> (B, 1+N, D)
         return self.forward_tokens(self.patchify(images), (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size))
+
+
+def to_timm_layout(sd):
+    """Our ViT keys -> timm's. vit_* keys already match; with a BEiT relative bias, the beit_* layout: the shared
+    table copied into every block (as BEiT fine-tuning does), qkv.bias split into q_bias/v_bias (the k bias is
+    dropped: softmax ignores a per-query constant), ls{1,2}.gamma -> gamma_{1,2}."""
+    sd, table = dict(sd), sd.get("rel_pos_bias.relative_position_bias_table")
+    if table is None and not any(k.endswith("attn.relative_position_bias_table") for k in sd):
+        return sd
+    sd.pop("rel_pos_bias.relative_position_bias_table", None)
+    for k in [k for k in sd if k.startswith("blocks.")]:
+        b, v = k[:k.index(".", 7) + 1], sd.pop(k)   # b = "blocks.{i}."
+        if k.endswith("attn.qkv.bias"):
+            sd[b + "attn.q_bias"], _, sd[b + "attn.v_bias"] = v.chunk(3)
+        else:
+            sd[re.sub(r"ls(\d)\.gamma$", r"gamma_\1", k)] = v
+        if table is not None and k.endswith("norm1.weight"):
+            sd[b + "attn.relative_position_bias_table"] = table.clone()
+    return sd
 # <<< shared:vit
 
 # ----------------------------------------------------------------------------- 3. Encoder loading
@@ -292,7 +312,7 @@ def build_encoder(cfg):
     if sd is not None:
         sd = from_timm_layout(sd)
         if isinstance(enc.pos_embed, nn.Parameter) and "pos_embed" in sd:   # learned: bicubic to the new grid
-            sd["pos_embed"] = VisionTransformer.pos_embed_for(_PosHolder(sd["pos_embed"], old_grid), *enc.grid)
+            sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], old_grid, enc.grid)
         elif "pos_embed" in sd:   # fixed sin-cos buffer: recompute for the new grid
             sd["pos_embed"] = enc.pos_embed
         for k in [k for k in sd if k.endswith("relative_position_bias_table")]:
@@ -301,9 +321,15 @@ def build_encoder(cfg):
     return enc, kw["embed_dim"], args
 
 
-class _PosHolder:   # lets pos_embed_for resize a checkpoint tensor without building a model for it
-    def __init__(self, pos_embed, grid):
-        self.pos_embed, self.grid = pos_embed, grid
+def from_timm_layout(sd):
+    """timm vit_* / beit_* keys -> ours (per-block relative bias tables, as after to_timm_layout)."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("attn.q_bias"):
+            out[k[:-6] + "qkv.bias"] = torch.cat([v, torch.zeros_like(v), sd[k[:-6] + "v_bias"]])
+        elif not k.endswith("attn.v_bias"):
+            out[re.sub(r"gamma_(\d)$", r"ls\1.gamma", k)] = v
+    return out
 
 
 class Classifier(nn.Module):
@@ -341,7 +367,7 @@ class Classifier(nn.Module):
 
 def layer_decay_groups(model, weight_decay, layer_decay):
     """BEiT layer-wise lr decay: patch embed / cls / positions are layer 0, block i is layer i+1, the rest (norms,
-    head) layer L+1; group lr scale = layer_decay^(L+1-layer). No weight decay where common.no_decay says so."""
+    head; all of a ResNet) layer L+1; group lr scale = layer_decay^(L+1-layer). No weight decay where common.no_decay says so."""
     L = len(model.encoder.blocks) if model.is_vit else 0
     groups = {}
     for name, p in model.named_parameters():
@@ -350,8 +376,6 @@ def layer_decay_groups(model, weight_decay, layer_decay):
         n = name.removeprefix("encoder.")
         layer = int(n.split(".")[1]) + 1 if n.startswith("blocks.") else 0 if n.startswith(
             ("cls_token", "pos_embed", "patch_embed", "rel_pos_bias")) else L + 1
-        if not model.is_vit:
-            layer = L + 1
         wd = 0.0 if no_decay(n, p) else weight_decay
         g = groups.setdefault((layer, wd), {"params": [], "weight_decay": wd, "lr_scale": layer_decay ** (L + 1 - layer)})
         g["params"].append(p)
@@ -394,20 +418,23 @@ def build_data(cfg, img_size):
 # ----------------------------------------------------------------------------- 5. Train / eval
 
 
+def all_gather_cat(t):   # concatenate a tensor across ranks (the val sampler pads shards to equal sizes)
+    if not dist.is_initialized():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts)
+
+
 @torch.no_grad()
-def extract(model, loader, device, autocast):
-    """Features and labels of the whole split, gathered from every rank. -> (M, F) float, (M,)"""
-    feats, labels = [], []
+def extract(fn, loader, device, autocast):
+    """fn(images) for the whole split, gathered from every rank. -> (M, F) float, (M,) labels"""
+    outs, labels = [], []
     for x, y in loader:
         with autocast():
-            feats.append(model.features(x.to(device, non_blocking=True)).float())
+            outs.append(fn(x.to(device, non_blocking=True)).float())
         labels.append(y.to(device))
-    f, y = torch.cat(feats), torch.cat(labels)
-    if dist.is_initialized():   # the val sampler pads to equal shards, so all_gather sizes match
-        fs, ys = [torch.empty_like(f) for _ in range(dist.get_world_size())], [torch.empty_like(y) for _ in range(dist.get_world_size())]
-        dist.all_gather(fs, f), dist.all_gather(ys, y)
-        f, y = torch.cat(fs), torch.cat(ys)
-    return f, y
+    return all_gather_cat(torch.cat(outs)), all_gather_cat(torch.cat(labels))
 
 
 def knn_classify(train_f, train_y, test_f, num_classes, k=20, T=0.07, chunk=256):
@@ -428,21 +455,6 @@ def accuracy(scores, y, topk=(1, 5)):
     return [100.0 * (top[:, :k] == y[:, None]).any(1).float().mean().item() for k in topk]
 
 
-def evaluate(model, loader, device, autocast):
-    model.eval()
-    with torch.no_grad():
-        scores, ys = [], []
-        for x, y in loader:
-            with autocast():
-                scores.append(model(x.to(device, non_blocking=True)).float())
-            ys.append(y.to(device))
-        s, y = torch.cat(scores), torch.cat(ys)
-    if dist.is_initialized():
-        ss, yy = [torch.empty_like(s) for _ in range(dist.get_world_size())], [torch.empty_like(y) for _ in range(dist.get_world_size())]
-        dist.all_gather(ss, s), dist.all_gather(yy, y)
-        s, y = torch.cat(ss), torch.cat(yy)
-    return accuracy(s, y)
-
 # ----------------------------------------------------------------------------- 6. main
 
 
@@ -458,15 +470,14 @@ def main(cfg):
     img_size = cfg.img_size or args.get("img_size", 224)
     train_set, val_set = build_data(cfg, img_size)
     num_classes = len(train_set.classes)
-    loader = build_loader(train_set, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device,
-                          shuffle=cfg.mode != "knn")
+    loader = build_loader(train_set, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device, cfg.mode != "knn")
     val_loader = build_loader(val_set, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device, shuffle=False)
     raw_model = Classifier(encoder, dim, num_classes, cfg.mode, cfg.pool, args["arch"] == "vit").to(device)
     prepare_out(cfg.out, cfg, __file__)
 
     if cfg.mode == "knn":
-        train_f, train_y = extract(raw_model.eval(), loader, device, autocast)
-        val_f, val_y = extract(raw_model, val_loader, device, autocast)
+        train_f, train_y = extract(raw_model.eval().features, loader, device, autocast)
+        val_f, val_y = extract(raw_model.features, val_loader, device, autocast)
         top1, top5 = accuracy(knn_classify(train_f, train_y, val_f, num_classes, cfg.knn_k, cfg.knn_t), val_y)
         print0(f"kNN (k={cfg.knn_k}, T={cfg.knn_t}) on {len(val_f)} images: top-1 {top1:.2f} top-5 {top5:.2f}")
         log_json(cfg.out, {"mode": "knn", "top1": top1, "top5": top5, "n_train": len(train_f), "n_val": len(val_f)})
@@ -494,8 +505,7 @@ def main(cfg):
         loader.sampler.set_epoch(epoch)
         loader.sampler.start_step = start % steps_per_epoch if epoch == start // steps_per_epoch else 0
         model.train()
-        finite = torch.ones((), dtype=torch.bool, device=device)   # NaN/inf seen this epoch, checked without syncs
-        first = loader.sampler.start_step
+        finite, first = torch.ones((), dtype=torch.bool, device=device), loader.sampler.start_step
         for i, (x, y) in enumerate(islice(loader, steps_per_epoch - first), start=first):   # islice: no extra fetch
             it = epoch * steps_per_epoch + i
             for g in opt.param_groups:
@@ -508,21 +518,16 @@ def main(cfg):
             finite &= torch.isfinite(loss)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            if cfg.clip_grad > 0:
-                scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
             scaler.step(opt)
             scaler.update()
             vals = progress.step(it, epoch, {"loss": loss}, lr_sched[it])
-            if (vals is not None or it + 1 == total_steps) and not finite.item():
-                fail(f"loss became NaN/inf in epoch {epoch} (step {it + 1}); stopped, last good checkpoint kept in {cfg.out}")
+            if (vals is not None or i + 1 == steps_per_epoch) and not finite.item():   # syncs on log steps only
+                fail(f"loss became NaN/inf at step {it + 1}; stopped, last good checkpoint kept in {cfg.out}")
             if cfg.stop_after and it + 1 - start >= cfg.stop_after:
                 break
-        if not finite.item():
-            fail(f"loss became NaN/inf in epoch {epoch}; stopped, last good checkpoint kept in {cfg.out}")
         stopping = cfg.stop_after and it + 1 - start >= cfg.stop_after and it + 1 < total_steps
         if not stopping:
-            top1, top5 = evaluate(raw_model, val_loader, device, autocast)
+            top1, top5 = accuracy(*extract(raw_model.eval(), val_loader, device, autocast))
             print0(f"epoch {epoch}: val top-1 {top1:.2f} top-5 {top5:.2f} (best {max(best, top1):.2f})")
             log_json(cfg.out, {"epoch": epoch, "step": it + 1, "loss": vals["loss"] if vals else None,
                                "top1": top1, "top5": top5})

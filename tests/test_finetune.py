@@ -8,9 +8,9 @@ import pytest
 import torch
 import torchvision
 
-from common import save_checkpoint, to_timm_layout
+from common import save_checkpoint
 from conftest import ROOT
-from finetune import Classifier, VisionTransformer, knn_classify, layer_decay_groups, resize_rel_pos_table
+from finetune import Classifier, VisionTransformer, to_timm_layout, knn_classify, layer_decay_groups, resize_rel_pos_table
 
 
 def run(*args):

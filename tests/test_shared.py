@@ -4,9 +4,8 @@ import re
 import pytest
 import torch
 
-from common import from_timm_layout, to_timm_layout
 from conftest import ROOT
-from finetune import VisionTransformer, rel_pos_index, sincos_pos_embed
+from finetune import VisionTransformer, from_timm_layout, to_timm_layout, rel_pos_index, sincos_pos_embed
 
 FILES = ["finetune.py", "conmim.py", "cim_correlate.py", "cim_corrupt.py"]
 BLOCK = re.compile(r"^# >>> shared:vit.*?^# <<< shared:vit$", re.S | re.M)
