@@ -1,0 +1,195 @@
+"""conmim.py: the loss against its equation, exact masks, EMA math, shared geometry, overfit, bad input, CPU runs."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from common import parse_config
+from conftest import ROOT
+from conmim import (Config, ConMIM, TwoViews, block_mask, conmim_loss, ema_update, main, param_groups,
+                    random_mps_mask, sample_mask)
+
+
+def slow_loss(q, k, mask, tau, cross_image):
+    """Eq. 3 term by term: -log exp(<q_j, k_j>/tau) / sum_i exp(<q_j, k_i>/tau), averaged over masked j (float64)."""
+    q, k = q.double(), k.double()
+    q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
+    B, N, _ = q.shape
+    terms, hits = [], []
+    for b in range(B):
+        for j in range(N):
+            if mask[b, j]:
+                keys = k.reshape(B * N, -1) if cross_image else k[b]
+                pos = b * N + j if cross_image else j
+                sims = torch.stack([q[b, j] @ keys[i] / tau for i in range(len(keys))])
+                terms.append(-(sims[pos].exp() / sims.exp().sum()).log())
+                hits.append(float(sims.argmax() == pos))
+    return torch.stack(terms).mean(), sum(hits) / len(hits)
+
+
+@pytest.mark.parametrize("cross_image", [False, True])
+def test_loss_matches_per_patch_loop(cross_image):
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(3, 10, 16, generator=g), torch.randn(3, 10, 16, generator=g)
+    k[0, :5] = q[0, :5] + 0.1 * torch.randn(5, 16, generator=g)   # some easy positives, so accuracy is not 0
+    mask = torch.rand(3, 10, generator=g) < 0.6
+    loss, acc = conmim_loss(q, k, mask, tau=0.1, cross_image=cross_image)
+    ref, ref_acc = slow_loss(q, k, mask, 0.1, cross_image)
+    assert abs(loss.item() - ref.item()) < 1e-5 and abs(acc.item() - ref_acc) < 1e-6
+    assert 0 < ref_acc < 1
+
+
+def test_loss_limits():
+    q = torch.randn(2, 16, 8)
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    assert conmim_loss(q, q, mask, tau=0.01)[0] < 1e-3                              # own key wins by far
+    same = conmim_loss(q, torch.ones(2, 16, 8), mask, tau=0.1)[0]                    # all keys equal: uniform
+    assert abs(same.item() - math.log(16)) < 1e-5
+
+
+@pytest.mark.parametrize("grid,cell,ratio,expect", [((14, 14), 2, 0.75, 37 * 4), ((8, 8), 2, 0.75, 12 * 4),
+                                                    ((6, 4), 2, 0.5, 3 * 4), ((8, 8), 4, 0.3, 2 * 16)])
+def test_random_mps_mask_exact_counts_and_cells(grid, cell, ratio, expect):
+    m = random_mps_mask(64, grid, cell, ratio, "cpu")
+    assert m.shape == (64, grid[0] * grid[1]) and m.dtype == torch.bool
+    assert (m.sum(1) == expect).all()
+    cells = m.view(64, grid[0] // cell, cell, grid[1] // cell, cell)
+    assert (cells == cells[:, :, :1, :, :1]).all()                                   # whole mask patches only
+    C = grid[0] * grid[1] // cell ** 2
+    assert len({tuple(r.tolist()) for r in m}) > min(32, math.comb(C, expect // cell ** 2) // 2)   # per-image draws
+
+
+@pytest.mark.parametrize("grid,n_mask,min_block", [((14, 14), 75, 16), ((8, 8), 24, 5), ((14, 14), 147, 16),
+                                                   ((3, 5), 7, 2), ((2, 2), 1, 1)])
+def test_block_mask_exact_counts_and_blocks(grid, n_mask, min_block):
+    m = block_mask(256, grid, n_mask, min_block, "cpu")
+    assert (m.sum(1) == n_mask).all()
+    if n_mask >= 4:   # blockwise, not scattered: almost every masked patch has a masked 4-neighbour
+        v = F.pad(m.view(-1, 1, *grid).float(), (1, 1, 1, 1))
+        nb = F.conv2d(v, torch.tensor([[[[0.0, 1, 0], [1, 0, 1], [0, 1, 0]]]]))
+        assert ((nb.flatten(1) > 0) & m).sum() > 0.95 * m.sum()
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(block_mask(4, grid, n_mask, min_block, "cpu", g1), block_mask(4, grid, n_mask, min_block, "cpu", g2))
+
+
+def test_sample_mask_defaults_scale_with_grid():
+    assert (sample_mask(Config(mask_type="block"), 2, "cpu").sum(1) == 75).all()     # official 75 of 196
+    assert (sample_mask(Config(), 2, "cpu").sum(1) == 148).all()                     # mps32: 37 of 49 cells
+    tiny = parse_config(Config, ["--preset", "tiny", "--mask-type", "block"])
+    assert (sample_mask(tiny, 2, "cpu").sum(1) == round(64 * 75 / 196)).all()
+
+
+def test_ema_update_math():
+    torch.manual_seed(0)
+    student, teacher = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    student(torch.randn(8, 4))                                                       # non-trivial running stats
+    t0, s0 = [p.clone() for p in teacher.parameters()], [p.clone() for p in student.parameters()]
+    ema_update([teacher], [student], 0.9)
+    for t, a, b in zip(teacher.parameters(), t0, s0):
+        torch.testing.assert_close(t, 0.9 * a + 0.1 * b, rtol=0, atol=1e-7)
+    assert torch.equal(teacher[1].running_mean, student[1].running_mean)
+    ema_update([teacher], [student], 1.0)                                            # m = 1 (end of schedule): frozen
+    torch.testing.assert_close(list(teacher.parameters())[0], 0.9 * t0[0] + 0.1 * s0[0], rtol=0, atol=1e-7)
+
+
+def test_model_teacher_is_a_gradient_free_copy():
+    model = ConMIM(parse_config(Config, ["--preset", "tiny"]))
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    assert not any(n.startswith("teacher") for g in param_groups(model, 0.05) for n, p in model.named_parameters()
+                   if any(p is q for q in g["params"]))
+    assert torch.equal(model.teacher.blocks[0].attn.qkv.weight, model.student.blocks[0].attn.qkv.weight)
+    assert "mask_token" not in model.teacher.state_dict() and model.mask_token.shape == (1, 1, 192)
+
+
+def test_views_share_one_crop_and_flip():
+    tv = TwoViews(32)
+    tv.strong = tv.weak                      # without the photometric part, both views must be the same pixels
+    img = Image.fromarray(torch.randint(0, 255, (50, 70, 3), dtype=torch.uint8).numpy())
+    for _ in range(5):
+        weak, strong = tv(img)
+        assert weak.shape == (3, 32, 32) and torch.equal(weak, strong)
+
+
+def test_overfit_one_batch():
+    """50 steps on one fixed batch and mask drive the loss far below log N. The relative position table starts
+    random (as after some training): with BEiT's zero init every mask token of an image is identical until the
+    table has learned, which takes far more than 50 steps (README)."""
+    torch.manual_seed(0)
+    cfg = parse_config(Config, ["--preset", "tiny", "--depth", "2"])
+    model = ConMIM(cfg).train()
+    with torch.no_grad():
+        model.student.rel_pos_bias.relative_position_bias_table.normal_(0, 3.0)
+        model.ema_update(0.0)                                                        # teacher = student again
+    weak = F.interpolate(torch.randn(8, 3, 8, 8), size=32, mode="bilinear") + 0.1 * torch.randn(8, 3, 32, 32)
+    strong = weak + 0.3 * torch.randn_like(weak)
+    mask = sample_mask(cfg, 8, "cpu")
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3, betas=(0.9, 0.98))
+    for _ in range(50):
+        loss, logs = model(weak, strong, mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.ema_update(0.996)
+    assert loss.item() < 0.25 * math.log(64) and logs["acc"] > 0.9
+
+
+@pytest.mark.parametrize("flags,msg", [(["--img-size", "30"], "multiple of --patch-size"),
+                                       (["--mask-ratio", "1.0"], "--mask-ratio 1.0 must be in (0, 1)"),
+                                       (["--mask-ratio", "0"], "must be in (0, 1)"),
+                                       (["--mask-patch", "6"], "--mask-patch 6 must be a multiple"),
+                                       (["--mask-patch", "12"], "that divides --img-size 32"),
+                                       (["--mask-type", "block", "--mask-patches", "64"], "< 64 patches"),
+                                       (["--mask-type", "grid"], "choose random_mps32 or block"),
+                                       (["--arch", "vit_huge"], "--arch vit_huge"), (["--tau", "0"], "--tau 0.0")])
+def test_bad_input_fails_before_anything_is_built(tmp_path, capsys, flags, msg):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as e:
+        main(parse_config(Config, ["--preset", "tiny", "--data", "synthetic", "--out", str(out), *flags]))
+    assert str(e.value).startswith("error: ") and msg in str(e.value), str(e.value)
+    assert not out.exists()
+
+
+def run(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_cpu_smoke_exact_resume_viz_then_finetune(tmp_path):
+    base = ["conmim.py", "--preset", "tiny", "--data", "synthetic", "--device", "cpu", "--epochs", "2",
+            "--steps-per-epoch", "2", "--viz-every", "1"]
+    a = run(*base, "--out", str(tmp_path / "a"))
+    b1 = run(*base, "--out", str(tmp_path / "b"), "--stop-after", "3")
+    b2 = run(*base, "--out", str(tmp_path / "b"))
+    assert "resumed from" in b2.stdout
+    losses = lambda out: [l.split("|")[1] for l in out.splitlines() if l.startswith("ep ")]
+    assert losses(a.stdout) == losses(b1.stdout) + losses(b2.stdout) and len(losses(a.stdout)) == 4
+    ck = torch.load(tmp_path / "a" / "checkpoint.pth", weights_only=True)
+    ckb = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)
+    assert all(torch.equal(v, ckb["model"][k]) for k, v in ck["model"].items())   # viz does not disturb training
+    assert ck["default_encoder"] == "teacher" and set(ck["encoders"]) == {"teacher", "student"}
+    assert ck["encoder_args"]["rel_pos"] == "shared" and ck["encoder_args"]["pos_embed"] == "none"
+    teacher = ck["encoders"]["teacher"]
+    assert "blocks.0.attn.relative_position_bias_table" in teacher and "blocks.3.gamma_2" in teacher   # beit_* layout
+    assert not any("mask_token" in k or "projector" in k for k in teacher)
+    assert not torch.equal(teacher["blocks.0.attn.qkv.weight"], ck["encoders"]["student"]["blocks.0.attn.qkv.weight"])
+    assert (tmp_path / "a" / "viz_epoch0.png").exists() and (tmp_path / "a" / "viz_epoch1.png").exists()
+    assert [json.loads(l)["epoch"] for l in open(tmp_path / "a" / "log.jsonl")] == [0, 1]
+    ft = run("finetune.py", "--pretrained", str(tmp_path / "a" / "checkpoint.pth"), "--data", "synthetic", "--device",
+             "cpu", "--mode", "finetune", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4", "--workers",
+             "0", "--out", str(tmp_path / "ft"))
+    assert "loading encoder 'teacher'" in ft.stdout
+    knn = run("finetune.py", "--preset", "tiny", "--pretrained", str(tmp_path / "a" / "checkpoint.pth"), "--from",
+              "student", "--data", "synthetic", "--mode", "knn", "--out", str(tmp_path / "knn"))
+    assert "loading encoder 'student'" in knn.stdout
