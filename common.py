@@ -30,7 +30,7 @@ def parse_config(cls, argv=None):
         kind = dict(type=to_bool, nargs="?", const=True) if isinstance(f.default, bool) else dict(type=type(f.default))
         name = f.name.rstrip("_")   # `from_` -> --from
         parser.add_argument(*sorted({"--" + name, "--" + name.replace("_", "-")}), dest=f.name,
-                            default=f.default, help=comments.get(f.name, " "), **kind)   # bool: `--compile` = true
+                            default=f.default, help=comments.get(f.name, " ").replace("%", "%%"), **kind)
     presets = getattr(cls, "PRESETS", {})
     preset = parser.parse_known_args(argv)[0].__dict__.get("preset", "")
     if preset and preset not in presets:
@@ -226,12 +226,12 @@ def build_loader(dataset, batch_size, world, rank, seed, workers, device, shuffl
 class Progress:
     """Prints `ep e step s/n | loss .. | lr | img/s | eta` every `every` steps; only log steps read device values."""
     def __init__(self, total_steps, global_batch, every=50):
-        self.total, self.batch, self.every, self.last = total_steps, global_batch, every, None
+        self.total, self.batch, self.every, self.last, self.t0 = total_steps, global_batch, every, None, time.time()
 
     def step(self, it, epoch, logs, lr):
         """it: global step just done; logs: dict of 0-d tensors (averaged over ranks here). -> dict of floats or None"""
-        if self.last is None:
-            self.last = (it, time.time())
+        if self.last is None:   # first call (maybe after a resume): time since construction covers step `it`
+            self.last = (it, self.t0)
         if (it + 1) % self.every and it + 1 != self.total:
             return None
         vals = {k: reduce_mean(v) for k, v in logs.items()}

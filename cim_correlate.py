@@ -1,0 +1,654 @@
+"""
+cim_correlate.py - Correlational Image Modeling (crop-and-correlate) pre-training in one file, ViT or ResNet-50.
+Paper: Li, Xie, Loy, "Correlational Image Modeling for Self-Supervised Visual Pre-Training", arXiv 2303.12670 (CVPR 2023).
+Official code: https://github.com/weivision/Correlational-Image-Modeling (facts used here: METHODS.md section 3).
+
+    python cim_correlate.py --data /imagenet --epochs 300                                   # 1 GPU, released recipe
+    torchrun --nproc_per_node 8 cim_correlate.py --data /imagenet --batch-size 512          # 8 GPUs, global 4096
+    python cim_correlate.py --data /imagenet --arch resnet50                                # ResNet-50 (our neck)
+    python cim_correlate.py --preset tiny --data synthetic --out out/cim_correlate_tiny      # CPU smoke run
+
+From each search image, E exemplars are cut (random scale, shape and rotation) and a light decoder must find them:
+the target encoder (EMA of the online one) embeds the whole image (the context), the online encoder embeds each
+exemplar, one cross-attention block (context queries, exemplar keys/values) predicts a 2-class correlation map.
+All cropping geometry is built for the whole batch on the device (affine grids + grid_sample, analytic maps).
+Equation numbers (1)-(4) are this file's own (README "implementation map"): the paper body was not readable here.
+Result: not measured here yet (official README: ViT-B/16, 300 ep + 100 ep fine-tune -> 83.1 ImageNet top-1).
+Sections: 3 config | 4 backbone | 5 encoders, decoder | 6 crop-and-correlate | 7 loss, EMA | 8 model | 9 data |
+10 visualisation | 11 main.
+"""
+import copy, dataclasses, itertools, math, os, re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision import transforms as T
+from torchvision.utils import save_image
+
+from common import (IMAGENET_MEAN, IMAGENET_STD, Progress, build_dataset, build_loader, cosine_schedule, fail,
+                    log_json, param_groups, parse_config, prepare_out, print0, resume, rng_state, save_checkpoint,
+                    seed_all, setup_dist)
+
+# ----------------------------------------------------------------------------- 3. Config
+
+@dataclasses.dataclass
+class Config:
+    """Correlational Image Modeling pre-training (defaults: the released ViT-B/16 script, METHODS.md 3.1-3.4)."""
+    data: str = "/imagenet"       # ImageFolder root with train/ (or a flat class-folder root); "synthetic" = smoke runs
+    img_size: int = 224           # search image side (--input_size 224); fine-tuning assumes this size
+    arch: str = "vit_base"        # vit_tiny | vit_small | vit_base | vit_large | resnet50 (release: vit_base_patch16)
+    depth: int = 0                # ViT depth override; 0 = the arch's depth
+    patch_size: int = 16          # ViT patch (release: 16). ResNet-50 tokens are always stride 16 (our neck)
+    preset: str = ""              # tiny (CPU smoke, seconds) | small32 (CPU, 32x32 real images, benchmarks/learning.py)
+    # crop-and-correlate sampling (METHODS.md 3.2, released script flags)
+    search_scale_min: float = 0.5     # RandomResizedCrop scale (min, 1) of the search image (--context_min_scale 0.5)
+    context_size: int = 160           # the whole search image resized to this side = target-encoder input (--context_size)
+    exemplar_size: int = 64           # exemplar side (--template_size 64): 4x4 tokens for a /16 ViT
+    num_exemplars: int = 6            # exemplars per image (--template_num 6); each is one online-encoder pass
+    exemplar_scale_min: float = 0.05  # box area / search-image area, lower end (--template_min_scale)
+    exemplar_scale_max: float = 0.48  # upper end (--template_max_scale)
+    exemplar_ratio_min: float = 1 / 3  # box aspect w/h, log-uniform in [min, max] (code default template_min_ratio)
+    exemplar_ratio_max: float = 3.0   # (template_max_ratio)
+    rotation: int = 45                # angle ~ uniform integer in [-rotation, rotation) degrees (--rotaton_max_degree 45)
+    box_tries: int = 10               # box draws before the whole-image fallback (official: 10)
+    exemplar_aug: bool = True         # colour jitter / grey / blur / solarize on exemplars only (--common_aug)
+    exemplar_flip: bool = True        # horizontal flip of the exemplar only, map unflipped (--template_aug)
+    # model (METHODS.md 3.3)
+    freeze_patch_embed: bool = True   # random frozen patch projection (MoCo v3 trick; official stop_grad_conv=True)
+    ema_momentum: float = 0.99        # target = EMA of online, momentum cosine 0.99 -> 1 per step (base_momentum)
+    decoder_dim: int = 512            # correlation decoder width (official 512)
+    decoder_heads: int = 16           # cross-attention heads (official 16)
+    decoder_mlp_ratio: float = 4.0    # (official 4)
+    # optimisation (METHODS.md 3.4)
+    epochs: int = 300                 # released script: 300
+    batch_size: int = 256             # per GPU. Release: 256 x 8 GPUs x accum 2 = 4096 (no accumulation here)
+    blr: float = 1.5e-4               # lr = blr * global batch / 256 (2.4e-3 at 4096)
+    min_lr: float = 0.0               # cosine floor (MAE lr_sched, min_lr 0)
+    warmup_epochs: int = 40           # released script: 40
+    weight_decay: float = 0.05        # AdamW (0.9, 0.95), no decay on 1-D params / cls token
+    clip_grad: float = 1.0            # script passes 1.0 but the released fp32 path never applies it; 0 = released behaviour
+    steps_per_epoch: int = 0          # 0 = full pass over the data; >0 caps it (smoke tests)
+    # system
+    device: str = "cuda"              # "cpu" works (slowly) - CI uses it
+    amp: str = "bf16"                 # bf16 | fp16 | off (CUDA only; the release always ran fp32)
+    compile: bool = False             # torch.compile the model (sampling included)
+    workers: int = 10                 # data loader processes per GPU (release: 12)
+    out: str = "out/cim_correlate"    # checkpoints, log.jsonl, config.json; an existing checkpoint.pth is resumed
+    seed: int = 0
+    log_every: int = 50               # progress line every N steps
+    stop_after: int = 0               # exit after N steps of this run with a resumable checkpoint; 0 = off
+    viz_every: int = 0                # PNG every N epochs: context | exemplars | target maps | predicted maps; 0 = off
+
+    # The tiny preset scales the release's geometry to a 32 px search image: context 160/224 -> 24 px (6x6 tokens at
+    # patch 4), exemplar kept at 4x4 tokens (16 px, as 64 px / 16), 2 exemplars instead of 6 to stay fast on CPU;
+    # decoder width scaled with the encoder (512/768 x 192 = 128, head width 32 as in the release).
+    _TINY = dict(arch="vit_tiny", img_size=32, patch_size=4, context_size=24, exemplar_size=16, num_exemplars=2,
+                 decoder_dim=128, decoder_heads=4,
+                 batch_size=8, device="cpu", workers=0, epochs=1, warmup_epochs=0, log_every=1,
+                 blr=1e-2)                    # lr 3.1e-4 at batch 8 (the ViT-B blr barely moves a short run)
+    PRESETS = {"tiny": _TINY,
+               "small32": {**_TINY, "batch_size": 64, "epochs": 40, "warmup_epochs": 2, "log_every": 10,
+                           "workers": 2, "blr": 1.5e-3}}   # lr 3.75e-4 at batch 64; untuned
+
+# ----------------------------------------------------------------------------- 4. Backbone (shared ViT; ResNet-50 from torchvision)
+
+# >>> shared:vit  (byte-identical in every file that has it; tests/test_shared.py enforces it)
+VIT_SIZES = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6),  # name: (width D, depth, heads)
+             "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16)}
+
+
+def sincos_pos_embed(D, h, w):
+    """Fixed 2-D sin-cos positions (MAE): half the channels encode the row, half the column -> (h*w, D)."""
+    omega = 1.0 / 10000 ** (torch.arange(D // 4, dtype=torch.float64) / (D // 4))       # (D/4,)
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    out = [f(c.flatten()[:, None] * omega) for c in (xs, ys) for f in (torch.sin, torch.cos)]  # 4 x (h*w, D/4)
+    return torch.cat(out, dim=1).float()                                               # (h*w, D)
+
+
+def resize_pos_embed(pos_embed, old_grid, new_grid):
+    """(1, 1+gh*gw, D) positions for another grid: bicubic on the patch part, the cls position kept."""
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    grid = pos_embed[:, 1:].reshape(1, *old_grid, -1).permute(0, 3, 1, 2)                # (1, D, gh, gw)
+    grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False).to(pos_embed.dtype)
+    return torch.cat([pos_embed[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)         # (1, 1+h*w, D)
+
+
+def rel_pos_index(h, w):
+    """BEiT relative-position index over 1+h*w tokens; the last 3 table rows are cls->tok, tok->cls, cls->cls."""
+    coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")).flatten(1)  # (2, N)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)                     # (N, N, 2)
+    num = (2 * h - 1) * (2 * w - 1)
+    idx = torch.full((h * w + 1, h * w + 1), num + 2, dtype=torch.long)                  # (1+N, 1+N)
+    idx[1:, 1:] = (rel[..., 0] + h - 1) * (2 * w - 1) + rel[..., 1] + w - 1
+    idx[0, 1:], idx[1:, 0] = num, num + 1
+    return idx
+
+
+class RelPosBias(nn.Module):
+    """Learned bias per head for each relative offset (BEiT), gathered into a (heads, 1+N, 1+N) attention bias."""
+    def __init__(self, grid, num_heads):
+        super().__init__()
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * grid[0] - 1) * (2 * grid[1] - 1) + 3, num_heads))
+        self.register_buffer("relative_position_index", rel_pos_index(*grid), persistent=False)
+
+    def forward(self):
+        return self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)  # (heads, 1+N, 1+N)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads, qkv_bias=True, grid=None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        if grid:   # a table of its own (BEiT fine-tuning layout, timm key attn.relative_position_bias_table)
+            self.relative_position_bias_table = RelPosBias(grid, num_heads).relative_position_bias_table
+            self.register_buffer("relative_position_index", rel_pos_index(*grid), persistent=False)
+
+    def forward(self, x, bias=None):                                   # (B, T, D), bias: (heads, T, T) or None
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
+        if hasattr(self, "relative_position_index"):
+            bias = RelPosBias.forward(self)
+        if bias is not None:
+            bias = bias.to(q.dtype).unsqueeze(0)                       # (1, nh, T, T) broadcast over the batch
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)    # (B, nh, T, hd)
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim, init_values):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def drop_path(x, p, training):
+    """Stochastic depth: drop the whole residual branch per sample with probability p."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, init_values=None, drop_path=0.0, grid=None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias, grid)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path = drop_path
+
+    def forward(self, x, bias=None):                                   # (B, T, D) -> (B, T, D)
+        x = x + drop_path(self.ls1(self.attn(self.norm1(x), bias)), self.drop_path, self.training)
+        return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training)
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder with timm parameter names. pos_embed: "learned" | "sincos" (fixed buffer) | "none".
+    rel_pos: "none" | "shared" (one BEiT table for all blocks, pre-training) | "block" (one per block, fine-tuning).
+    forward(images) -> (B, 1+N, D) normed tokens, cls first. Other image sizes interpolate the absolute positions."""
+    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+                 qkv_bias=True, pos_embed="learned", rel_pos="none", init_values=None, drop_path=0.0, in_chans=3):
+        super().__init__()
+        self.patch_size, self.embed_dim, self.grid = patch_size, embed_dim, (img_size // patch_size,) * 2
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        if pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], embed_dim))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        else:   # "sincos": fixed, zero for cls (MAE); a buffer so timm still finds it in the state dict
+            self.register_buffer("pos_embed", F.pad(sincos_pos_embed(embed_dim, *self.grid), (0, 0, 1, 0))[None]
+                                 if pos_embed == "sincos" else None)
+        self.rel_pos_bias = RelPosBias(self.grid, num_heads) if rel_pos == "shared" else None
+        dpr = [drop_path * i / max(depth - 1, 1) for i in range(depth)]   # linearly increasing stochastic depth
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, init_values, dpr[i],
+                                           self.grid if rel_pos == "block" else None) for i in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.apply(self._init_weights)
+        nn.init.xavier_uniform_(self.patch_embed.proj.weight.view(embed_dim, -1))  # MAE: patch embed as a linear
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    @staticmethod
+    def _init_weights(m):   # MAE-style init: xavier-uniform linears, zero biases, unit LayerNorms
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
+
+    def patchify(self, images):                                        # (B, C, H, W) -> (B, N, D)
+        return self.patch_embed.proj(images).flatten(2).transpose(1, 2)
+
+    def pos_embed_for(self, h, w):   # absolute positions for an h x w grid (B, 1+h*w, D)
+        return resize_pos_embed(self.pos_embed, self.grid, (h, w))
+
+    def forward_tokens(self, x, grid):
+        """x: (B, N, D) patch embeddings (possibly with mask tokens swapped in), grid = (h, w). -> (B, 1+N, D)"""
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed_for(*grid)
+        bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None  # (heads, 1+N, 1+N)
+        for blk in self.blocks:
+            x = blk(x, bias)
+        return self.norm(x)
+
+    def forward(self, images):                                         # (B, C, H, W) -> (B, 1+N, D)
+        return self.forward_tokens(self.patchify(images), (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size))
+
+
+def to_timm_layout(sd):
+    """Our ViT keys -> timm's. vit_* keys already match; with a BEiT relative bias, the beit_* layout: the shared
+    table copied into every block (as BEiT fine-tuning does), qkv.bias split into q_bias/v_bias (the k bias is
+    dropped: softmax ignores a per-query constant), ls{1,2}.gamma -> gamma_{1,2}."""
+    sd, table = dict(sd), sd.get("rel_pos_bias.relative_position_bias_table")
+    if table is None and not any(k.endswith("attn.relative_position_bias_table") for k in sd):
+        return sd
+    sd.pop("rel_pos_bias.relative_position_bias_table", None)
+    for k in [k for k in sd if k.startswith("blocks.")]:
+        b, v = k[:k.index(".", 7) + 1], sd.pop(k)   # b = "blocks.{i}."
+        if k.endswith("attn.qkv.bias"):
+            sd[b + "attn.q_bias"], _, sd[b + "attn.v_bias"] = v.chunk(3)
+        else:
+            sd[re.sub(r"ls(\d)\.gamma$", r"gamma_\1", k)] = v
+        if table is not None and k.endswith("norm1.weight"):
+            sd[b + "attn.relative_position_bias_table"] = table.clone()
+    return sd
+# <<< shared:vit
+
+# ----------------------------------------------------------------------------- 5. Encoders and correlation decoder
+
+class ResNetTokens(nn.Module):
+    """Our ResNet-50 neck (the release is ViT-only): torchvision trunk, tokens at stride 16 like a /16 ViT.
+    f = layer3 + upsample(conv1x1(layer4)) (1024 channels, FPN-style, so layer4 is trained too); a global-average
+    token stands in for the cls token. 160 px context -> 1 + 10x10 tokens, 64 px exemplar -> 1 + 4x4."""
+    dim = 1024
+
+    def __init__(self):
+        super().__init__()
+        self.net = torchvision.models.resnet50()      # saved as torchvision keys (no fc) for finetune.py
+        self.net.fc = nn.Identity()
+        self.neck = nn.Conv2d(2048, self.dim, 1)
+
+    def forward(self, x):                                              # (B, 3, H, W) -> (B, 1+N, 1024)
+        n = self.net
+        x = n.maxpool(n.relu(n.bn1(n.conv1(x.contiguous(memory_format=torch.channels_last)))))
+        c3 = n.layer3(n.layer2(n.layer1(x)))                           # (B, 1024, H/16, W/16)
+        c4 = n.layer4(c3)                                              # (B, 2048, H/32, W/32)
+        f = c3 + F.interpolate(self.neck(c4), size=c3.shape[-2:], mode="nearest")
+        t = f.flatten(2).transpose(1, 2)                               # (B, N, 1024)
+        return torch.cat([t.mean(1, keepdim=True), t], dim=1)          # (B, 1+N, 1024)
+
+
+class CrossBlock(nn.Module):
+    """The official CorrelationBlockV1: x = x + CrossAttn(q = LN1(x), k, v = LN1(y)); x = x + MLP(LN2(x)).
+    One LayerNorm for both inputs; context tokens x are the queries, exemplar tokens y the keys and values."""
+    def __init__(self, dim, num_heads, mlp_ratio):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, y):                                           # x: (M, Tq, C), y: (M, Tk, C) -> (M, Tq, C)
+        (M, Tq, C), Tk, nh = x.shape, y.shape[1], self.num_heads
+        q = self.q(self.norm1(x)).view(M, Tq, nh, C // nh).transpose(1, 2)                # (M, nh, Tq, hd)
+        k, v = self.kv(self.norm1(y)).view(M, Tk, 2, nh, C // nh).permute(2, 0, 3, 1, 4)  # 2 x (M, nh, Tk, hd)
+        a = F.scaled_dot_product_attention(q, k, v)                                        # (M, nh, Tq, hd)
+        x = x + self.proj(a.transpose(1, 2).reshape(M, Tq, C))
+        return x + self.mlp(self.norm2(x))
+
+# ----------------------------------------------------------------------------- 6. Crop-and-correlate sampling (pure, batched)
+# Coordinates are grid_sample's normalised ones on the square search image: x right, y down, [-1, 1] edge to edge.
+# An exemplar is (angle t, centre c, half sizes (a, b)): the rectangle {c + u*a*e1 + v*b*e2 : |u|, |v| <= 1} with
+# e1 = (cos t, sin t), e2 = (-sin t, cos t), i.e. an axis-aligned crop of the image rotated counter-clockwise by t
+# (PIL's Image.rotate convention, which the official code uses).
+
+def uniform(shape, lo, hi, device, gen):
+    return torch.rand(shape, device=device, generator=gen) * (hi - lo) + lo
+
+
+def sample_boxes(B, E, cfg, device, gen=None):
+    """Official recipe (METHODS.md 3.2), vectorised. Per exemplar: integer angle in [-rot, rot) degrees; box of area
+    s * |image|, s ~ U[scale_min, scale_max], aspect log-uniform in [ratio_min, ratio_max] (first of cfg.box_tries
+    draws that fits, else the whole image), placed uniformly inside the image; after rotating the image by the angle
+    the exemplar is the bounding box of the rotated box, shrunk about its centre by the largest k <= 1 that keeps its
+    four corners inside the rotated image (no padding), in closed form.
+    Returns angle (B, E) radians, center (B, E, 2), half (B, E, 2) = (a, b), all normalised."""
+    r, K = cfg.rotation, cfg.box_tries
+    angle = torch.randint(-r, r + (r == 0), (B, E), device=device, generator=gen).float() * (math.pi / 180)
+    area = uniform((B, E, K), cfg.exemplar_scale_min, cfg.exemplar_scale_max, device, gen)
+    ratio = torch.exp(uniform((B, E, K), math.log(cfg.exemplar_ratio_min), math.log(cfg.exemplar_ratio_max), device, gen))
+    w, h = (area * ratio).sqrt(), (area / ratio).sqrt()              # (B, E, K) fractions of the side
+    fits = (w <= 1) & (h <= 1)
+    first = fits.int().argmax(-1, keepdim=True)                      # (B, E, 1) first draw that fits
+    found = fits.any(-1)
+    w = torch.where(found, w.gather(-1, first)[..., 0], 1.0)         # none fits: the whole image
+    h = torch.where(found, h.gather(-1, first)[..., 0], 1.0)         # (B, E); also the normalised half sizes
+    center = (2 * torch.rand(B, E, 2, device=device, generator=gen) - 1) * (1 - torch.stack([w, h], -1))
+    cos, sin = angle.cos().abs(), angle.sin().abs()
+    a, b = w * cos + h * sin, w * sin + h * cos                      # bounding box of the rotated box (rotated frame)
+    ext_x, ext_y = a * cos + b * sin, a * sin + b * cos              # its half extent back in the image frame
+    k = torch.minimum((1 - center[..., 0].abs()) / ext_x, (1 - center[..., 1].abs()) / ext_y).clamp(max=1.0)
+    return angle, center, torch.stack([a * k, b * k], -1)
+
+
+def crop_exemplars(images, angle, center, half, size, flip=None, supersample=2):
+    """images (B, 3, H, W) float -> exemplars (B, E, 3, size, size). Output pixel (u, v) samples the image at
+    c + u*a*e1 + v*b*e2: one affine grid per exemplar, one grid_sample call for all (grids stacked along the height,
+    so the image is never copied E times). Sampled at supersample x size, then average-pooled (cheap anti-aliasing).
+    flip (B, E) bool mirrors the exemplar (u -> -u) without touching the target map."""
+    (B, E), n = angle.shape, size * supersample
+    cos, sin = angle.cos(), angle.sin()
+    a = half[..., 0] * (1 - 2 * flip.float()) if flip is not None else half[..., 0]
+    b, cx, cy = half[..., 1], center[..., 0], center[..., 1]
+    theta = torch.stack([a * cos, -b * sin, cx, a * sin, b * cos, cy], -1).view(B * E, 2, 3)   # (B*E, 2, 3)
+    grid = F.affine_grid(theta, [B * E, 1, n, n], align_corners=False)                         # (B*E, n, n, 2)
+    out = F.grid_sample(images, grid.view(B, E * n, n, 2), mode="bilinear", padding_mode="border",
+                        align_corners=False)                                                    # (B, 3, E*n, n)
+    out = F.avg_pool2d(out.view(B, 3 * E, n, n), supersample)                                   # (B, 3E, size, size)
+    return out.view(B, 3, E, size, size).transpose(1, 2)                                        # (B, E, 3, size, size)
+
+
+def target_maps(angle, center, half, size):
+    """Eq. (1): M[i, j] = 1 iff context pixel centre p satisfies |(p - c).e1| <= a and |(p - c).e2| <= b, i.e. the
+    rotated rectangle the exemplar shows. Exact (the release resizes a label map bicubically, eroding the edges).
+    -> (B, E, size, size) bool; the context is the whole search image, so coordinates are shared."""
+    p = (torch.arange(size, device=angle.device) * 2 + 1) / size - 1          # (size,) pixel centres
+    dx = p.view(1, 1, 1, size) - center[..., 0, None, None]                   # (B, E, 1, size)
+    dy = p.view(1, 1, size, 1) - center[..., 1, None, None]                   # (B, E, size, 1)
+    cos, sin = angle.cos()[..., None, None], angle.sin()[..., None, None]
+    u, v = dx * cos + dy * sin, dy * cos - dx * sin                          # (B, E, size, size)
+    return (u.abs() <= half[..., 0, None, None]) & (v.abs() <= half[..., 1, None, None])
+
+
+def augment_exemplars(x, gen=None, jitter=(0.4, 0.4, 0.2, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=0.5,
+                      sigma=(0.1, 2.0), p_solarize=0.2):
+    """The release's exemplar augmentation (MoCo v3 set), batched with a draw per exemplar. x (N, 3, h, w) in [0, 1].
+    ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8 (fixed order b, c, s, h; hue = rotation about the grey axis),
+    grayscale p=0.2, Gaussian blur sigma ~ U[0.1, 2] p=0.5 (13 taps, separable), solarize (>= 128/255) p=0.2."""
+    N, dev = x.shape[0], x.device
+    coin = lambda p: torch.rand(N, 1, 1, 1, device=dev, generator=gen) < p
+    draw = lambda lo, hi: uniform((N, 1, 1, 1), lo, hi, dev, gen)
+    grey = lambda z: (z * z.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)  # (N, 1, h, w)
+    bri, con, sat, hue = jitter
+    y = (x * draw(1 - bri, 1 + bri)).clamp(0, 1)
+    m = grey(y).mean((2, 3), keepdim=True)
+    y = ((y - m) * draw(1 - con, 1 + con) + m).clamp(0, 1)
+    g = grey(y)
+    y = ((y - g) * draw(1 - sat, 1 + sat) + g).clamp(0, 1)
+    t = draw(-hue, hue).view(N, 1, 1) * 2 * math.pi                          # hue turn, (N, 1, 1)
+    cross = x.new_tensor([[0, -1, 1], [1, 0, -1], [-1, 1, 0]]) / math.sqrt(3)
+    rot = t.cos() * torch.eye(3, device=dev) + (1 - t.cos()) / 3 + t.sin() * cross   # (N, 3, 3) Rodrigues
+    y = torch.einsum("nij,njhw->nihw", rot, y).clamp(0, 1)
+    x = torch.where(coin(p_jitter), y, x)
+    x = torch.where(coin(p_gray), grey(x).expand_as(x), x)
+    s = draw(*sigma).view(N, 1)
+    k = torch.exp(-torch.arange(-6, 7, device=dev).float() ** 2 / (2 * s ** 2))
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(3, 0)                 # (3N, 13)
+    z = x.reshape(1, 3 * N, *x.shape[2:])
+    z = F.conv2d(F.pad(z, (6, 6, 0, 0), mode="replicate"), k.view(3 * N, 1, 1, 13), groups=3 * N)
+    z = F.conv2d(F.pad(z, (0, 0, 6, 6), mode="replicate"), k.view(3 * N, 1, 13, 1), groups=3 * N)
+    x = torch.where(coin(p_blur), z.view_as(x), x)
+    return torch.where(coin(p_solarize), torch.where(x >= 128 / 255, 1 - x, x), x)
+
+
+def sample_pairs(images, cfg, gen=None):
+    """Search images (B, 3, H, W) uint8 or [0, 1] float -> context (B, 3, Hc, Wc), exemplars (B, E, 3, h, w), both in
+    [0, 1], and target maps (B, E, Hc, Wc) bool. Everything for the whole batch on the images' device."""
+    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    B, E, dev = x.shape[0], cfg.num_exemplars, x.device
+    angle, center, half = sample_boxes(B, E, cfg, dev, gen)
+    flip = torch.rand(B, E, device=dev, generator=gen) < 0.5 if cfg.exemplar_flip else None
+    exemplars = crop_exemplars(x, angle, center, half, cfg.exemplar_size, flip)
+    if cfg.exemplar_aug:
+        exemplars = augment_exemplars(exemplars.flatten(0, 1), gen).view_as(exemplars)
+    context = F.interpolate(x, size=cfg.context_size, mode="bicubic", antialias=True).clamp(0, 1)   # no photometric aug
+    return context, exemplars, target_maps(angle, center, half, cfg.context_size)
+
+# ----------------------------------------------------------------------------- 7. Loss and EMA
+
+def correlation_loss(logits, target):
+    """Eq. (3): L = sum_e mean_{b, i} CE(z[b, e, :, i], M[b, e, i]), 2-class cross-entropy per context pixel,
+    averaged over pixels and images, summed over the E exemplars (official sigma_corr = 1).
+    logits (B, E, 2, H, W), target (B, E, H, W) bool -> scalar."""
+    B, E = target.shape[:2]
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(0, 1).long(), reduction="none")  # (B*E, H, W)
+    return ce.view(B, E, -1).mean(dim=(0, 2)).sum()
+
+
+@torch.no_grad()
+def momentum_update(target, online, m):
+    """Eq. (4): theta_t <- m * theta_t + (1 - m) * theta_o, on lists of tensors (foreach kernels)."""
+    torch._foreach_mul_(target, m)
+    torch._foreach_add_(target, online, alpha=1 - m)
+
+# ----------------------------------------------------------------------------- 8. Model
+
+class CorrelationalIM(nn.Module):
+    """forward(search images) -> (loss, logs). online encoder (trained) on exemplars, target encoder (EMA, no grad)
+    on the context, shared decoder_embed, fixed sin-cos positions on the context tokens, one CrossBlock, norm,
+    1x1 conv to 2 classes, bilinear upsampling to the context size."""
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.arch == "resnet50":
+            self.online, dim, stride = ResNetTokens(), ResNetTokens.dim, 16
+            self.encoder_args = {"arch": "resnet50", "img_size": cfg.img_size}
+        else:
+            D, depth, heads = VIT_SIZES[cfg.arch]
+            kw = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=D, depth=cfg.depth or depth,
+                      num_heads=heads, mlp_ratio=4.0, qkv_bias=True, pos_embed="sincos", rel_pos="none", init_values=None)
+            self.online, dim, stride = VisionTransformer(**kw), D, cfg.patch_size   # MAE-style: fixed sin-cos, xavier
+            self.encoder_args = {"arch": "vit", **kw}
+            self.online.patch_embed.proj.requires_grad_(not cfg.freeze_patch_embed)   # MoCo v3 random projection
+        self.target = copy.deepcopy(self.online).requires_grad_(False)               # EMA copy, never in the optimizer
+        self.grid = cfg.context_size // stride                                      # 160 / 16 = 10
+        C = cfg.decoder_dim
+        self.decoder_embed = nn.Linear(dim, C)                                      # shared: context and exemplars
+        self.register_buffer("decoder_pos_embed", F.pad(sincos_pos_embed(C, self.grid, self.grid), (0, 0, 1, 0))[None])
+        self.decoder_block = CrossBlock(C, cfg.decoder_heads, cfg.decoder_mlp_ratio)
+        self.decoder_norm = nn.LayerNorm(C, eps=1e-6)
+        self.decoder_pred = nn.Conv2d(C, 2, 1)                                      # background / exemplar logits
+        for m in (self.decoder_embed, self.decoder_block, self.decoder_norm):
+            m.apply(VisionTransformer._init_weights)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def ema_pairs(self):
+        """(target, online) tensor lists the EMA covers: every encoder parameter but the ViT cls token, which the
+        target takes straight from the online encoder (the release's target uses the online cls_token)."""
+        names = [n for n, _ in self.online.named_parameters() if n != "cls_token"]
+        t, o = dict(self.target.named_parameters()), dict(self.online.named_parameters())
+        return [t[n] for n in names], [o[n] for n in names]
+
+    @torch.no_grad()
+    def ema_update(self, m):
+        momentum_update(*self.ema_pairs(), m)
+        if hasattr(self.online, "cls_token"):
+            self.target.cls_token.copy_(self.online.cls_token)
+
+    def correlate(self, context, exemplars):
+        """context (B, 3, Hc, Wc), exemplars (B, E, 3, h, w) in [0, 1] -> logits (B, E, 2, Hc, Wc). Eq. (2)."""
+        (B, E), (Hc, Wc) = exemplars.shape[:2], context.shape[-2:]
+        with torch.no_grad():
+            ctx = self.target((context - self.mean) / self.std)                   # (B, 1+Nc, D), no gradient
+        ex = self.online((exemplars.flatten(0, 1) - self.mean) / self.std)        # (B*E, 1+Ne, D), positions resized
+        q = self.decoder_embed(ctx) + self.decoder_pos_embed                     # (B, 1+Nc, C): context positions only
+        q = q.unsqueeze(1).expand(-1, E, -1, -1).flatten(0, 1)                   # (B*E, 1+Nc, C) one copy per exemplar
+        x = self.decoder_norm(self.decoder_block(q, self.decoder_embed(ex)))    # (B*E, 1+Nc, C)
+        x = x[:, 1:].transpose(1, 2).reshape(B * E, -1, self.grid, self.grid)   # (B*E, C, g, g), cls dropped
+        z = F.interpolate(self.decoder_pred(x), size=(Hc, Wc), mode="bilinear", align_corners=True)  # (B*E, 2, Hc, Wc)
+        return z.view(B, E, 2, Hc, Wc)
+
+    def loss_on_pairs(self, context, exemplars, target):
+        logits = self.correlate(context, exemplars)
+        with torch.no_grad():   # IoU of the predicted exemplar region, a readable progress number
+            pred = logits.argmax(2).bool()
+            iou = ((pred & target).sum((2, 3)) / (pred | target).sum((2, 3)).clamp(min=1)).mean()
+        return correlation_loss(logits, target), {"iou": iou}
+
+    def forward(self, images):                                          # (B, 3, H, W) uint8 search images
+        with torch.no_grad(), torch.autocast(images.device.type, enabled=False):   # geometry in fp32
+            context, exemplars, target = sample_pairs(images, self.cfg)
+        return self.loss_on_pairs(context, exemplars, target)
+
+# ----------------------------------------------------------------------------- 9. Data
+
+def build_transform(cfg):
+    """Only the search image on the CPU (uint8, unnormalised): everything else happens batched on the device."""
+    return T.Compose([T.RandomResizedCrop(cfg.img_size, scale=(cfg.search_scale_min, 1.0),
+                                          interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), T.PILToTensor()])
+
+# ----------------------------------------------------------------------------- 10. Visualisation
+
+@torch.no_grad()
+def visualize(m, images, path, seed=0):
+    """One row per image: context | E exemplars (resized) | E target maps | E predicted maps (red on the context).
+    Own generator, so a --viz run keeps the training RNG stream (and exact resume) unchanged."""
+    was_training = m.training
+    gen = torch.Generator(images.device).manual_seed(seed)
+    context, exemplars, target = sample_pairs(images[:4], m.cfg, gen)
+    pred = m.eval().correlate(context, exemplars).argmax(2)                   # (B, E, Hc, Wc)
+    (B, E), S = exemplars.shape[:2], context.shape[-1]
+    ex = F.interpolate(exemplars.flatten(0, 1), size=S, mode="nearest").view(B, E, 3, S, S)
+    red = context.new_tensor([1.0, 0.0, 0.0]).view(1, 1, 3, 1, 1)
+    paint = lambda mask: 0.5 * context[:, None] + 0.5 * mask[:, :, None].float() * red   # (B, E, 3, S, S)
+    tiles = torch.cat([context[:, None], ex.float(), paint(target), paint(pred)], dim=1)  # (B, 1+3E, 3, S, S)
+    save_image(tiles.flatten(0, 1), path, nrow=1 + 3 * E)
+    m.train(was_training)
+
+# ----------------------------------------------------------------------------- 11. main
+
+MAX_EXEMPLARS = 32   # each exemplar is a full online-encoder pass: E x batch images per step
+
+def validate(cfg):
+    """Every bad flag -> one clear error before any data or model is built."""
+    for k, ok in {"arch": ["resnet50", *VIT_SIZES], "amp": ["bf16", "fp16", "off"]}.items():
+        if getattr(cfg, k) not in ok:
+            fail(f"--{k} {getattr(cfg, k)}: choose from {', '.join(ok)}")
+    if cfg.patch_size < 1 or cfg.batch_size < 1:
+        fail(f"--patch-size {cfg.patch_size} and --batch-size {cfg.batch_size} must be >= 1")
+    unit = 32 if cfg.arch == "resnet50" else cfg.patch_size   # ResNet-50: layer4 (stride 32) must tile the input
+    for k in ("img_size", "context_size", "exemplar_size"):
+        if getattr(cfg, k) <= 0 or getattr(cfg, k) % unit:
+            fail(f"--{k.replace('_', '-')} {getattr(cfg, k)}: must be a positive multiple of {unit} for {cfg.arch}"
+                 + (" (its stride-32 stage)" if cfg.arch == "resnet50" else " (the patch size)"))
+    if cfg.exemplar_size > cfg.context_size:
+        fail(f"--exemplar-size {cfg.exemplar_size} is larger than --context-size {cfg.context_size}: an exemplar is a "
+             "crop of the context and must not be larger (release: 64 and 160)")
+    if not 0 < cfg.exemplar_scale_min <= cfg.exemplar_scale_max <= 1:
+        fail(f"exemplar scale range [{cfg.exemplar_scale_min}, {cfg.exemplar_scale_max}] is empty or outside (0, 1]: "
+             "need 0 < --exemplar-scale-min <= --exemplar-scale-max <= 1")
+    if not 0 < cfg.exemplar_ratio_min <= cfg.exemplar_ratio_max:
+        fail(f"exemplar aspect range [{cfg.exemplar_ratio_min}, {cfg.exemplar_ratio_max}] is empty: need 0 < min <= max")
+    if not 0 < cfg.search_scale_min <= 1:
+        fail(f"--search-scale-min {cfg.search_scale_min}: must be in (0, 1]")
+    if not 0 <= cfg.rotation <= 180 or cfg.box_tries < 1:
+        fail(f"--rotation {cfg.rotation} must be in [0, 180] degrees and --box-tries {cfg.box_tries} >= 1")
+    if not 1 <= cfg.num_exemplars <= MAX_EXEMPLARS:
+        fail(f"--num-exemplars {cfg.num_exemplars}: must be between 1 and {MAX_EXEMPLARS}; each exemplar is one more "
+             f"online-encoder pass per image (batch {cfg.batch_size} x {cfg.num_exemplars} = "
+             f"{cfg.batch_size * cfg.num_exemplars} exemplar images per step; release: 6)")
+    if cfg.decoder_dim % cfg.decoder_heads or cfg.decoder_dim % 4:
+        fail(f"--decoder-dim {cfg.decoder_dim} must be divisible by 4 and by --decoder-heads {cfg.decoder_heads}")
+    if not 0 <= cfg.ema_momentum <= 1 or cfg.clip_grad < 0 or cfg.depth < 0:
+        fail("need 0 <= --ema-momentum <= 1, --clip-grad >= 0 and --depth >= 0")
+
+
+def save(cfg, raw_model, opt, scaler, epoch, step, rank):
+    if rank:
+        return
+    enc = lambda m: m.net.state_dict() if cfg.arch == "resnet50" else to_timm_layout(m.state_dict())
+    save_checkpoint({"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                     "step": step, "epoch": epoch, "rng": rng_state(), "config": dataclasses.asdict(cfg),
+                     "encoders": {"online": enc(raw_model.online), "target": enc(raw_model.target)},
+                     "encoder_args": raw_model.encoder_args, "default_encoder": "online"},
+                    os.path.join(cfg.out, "checkpoint.pth"))
+
+
+def main(cfg):
+    validate(cfg)
+    rank, world, device = setup_dist(cfg.device)
+    seed_all(cfg.seed + rank)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if device.type == "cuda" else None
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    prepare_out(cfg.out, cfg, __file__)
+    dataset = build_dataset(cfg.data, "train", build_transform(cfg), cfg.img_size)
+    loader = build_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device)
+    steps_per_epoch = min(len(loader), cfg.steps_per_epoch or len(loader))
+    total_steps = cfg.epochs * steps_per_epoch
+    raw_model = CorrelationalIM(cfg).to(device)                        # METHOD
+    if cfg.arch == "resnet50":
+        if world > 1:   # exemplar batches are large, but keep BN statistics global like the release's SyncBN
+            raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
+        raw_model = raw_model.to(memory_format=torch.channels_last)
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    lr = cfg.blr * cfg.batch_size * world / 256
+    print0(f"lr = {cfg.blr} * {cfg.batch_size} * {world} / 256 = {lr:.2e}; {cfg.arch}: context {cfg.context_size}px "
+           f"({raw_model.grid}x{raw_model.grid} tokens), {cfg.num_exemplars} exemplars of {cfg.exemplar_size}px per image")
+    opt = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    lr_sched = cosine_schedule(lr, cfg.min_lr, total_steps, cfg.warmup_epochs * steps_per_epoch)
+    ema_sched = cosine_schedule(cfg.ema_momentum, 1.0, total_steps)  # METHOD: momentum 0.99 -> 1 (BYOL cosine)
+    start = resume(cfg.out, raw_model, opt, scaler, rank, cfg.seed)
+    progress, last = Progress(total_steps, cfg.batch_size * world, cfg.log_every), {}
+    for epoch in range(start // steps_per_epoch, cfg.epochs):
+        loader.sampler.set_epoch(epoch)
+        loader.sampler.start_step = first = start % steps_per_epoch if epoch == start // steps_per_epoch else 0
+        raw_model.train()
+        for i, (images, _) in enumerate(itertools.islice(loader, steps_per_epoch - first), start=first):
+            it = epoch * steps_per_epoch + i
+            for g in opt.param_groups:
+                g["lr"] = lr_sched[it]
+            images = images.to(device, non_blocking=True)
+            with autocast():
+                loss, logs = model(images)                             # METHOD: crop, correlate, Eq. (3)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.clip_grad > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
+            scaler.step(opt)
+            scaler.update()
+            raw_model.ema_update(ema_sched[it])                        # METHOD: Eq. (4), from raw_model
+            vals = progress.step(it, epoch, {"loss": loss, **logs}, lr_sched[it])
+            last = vals or last
+            if vals is not None and not math.isfinite(vals["loss"]):
+                fail(f"loss is {vals['loss']} at step {it + 1}; last good checkpoint kept in {cfg.out}")
+            if cfg.stop_after and it + 1 - start >= cfg.stop_after:
+                save(cfg, raw_model, opt, scaler, epoch, it + 1, rank)
+                return print0(f"stopping after {cfg.stop_after} steps; run the same command again to resume")
+        save(cfg, raw_model, opt, scaler, epoch, it + 1, rank)
+        log_json(cfg.out, {"epoch": epoch, "step": it + 1, **last})
+        if cfg.viz_every and (epoch + 1) % cfg.viz_every == 0 and rank == 0:
+            visualize(raw_model, images, os.path.join(cfg.out, f"viz_epoch{epoch}.png"), epoch)   # METHOD
+        if dataset.skipped.item():
+            print0(f"skipped {dataset.skipped.item()} unreadable images so far")
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))

@@ -1,0 +1,190 @@
+"""cim_corrupt.py: dall_e interop and the pickle guard, bad inputs, RevDet labels and ResPix targets against slow
+loops, masks, sampling, dVAE training, a 50-step overfit, and CPU smoke runs followed by finetune.py."""
+import dataclasses, json, subprocess, sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pytest
+import torch
+import torchvision
+
+import cim_corrupt as cc
+from common import param_groups, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(**kw):
+    return dataclasses.replace(parse_config(cc.Config, ["--preset", "tiny"]), **kw)
+
+
+def dalle_pair(vocab=512):
+    """dall_e's own Encoder / Decoder, small, random weights and biases (so a mis-wired bias can fail the test)."""
+    dall_e = pytest.importorskip("dall_e")
+    torch.manual_seed(0)
+    enc = dall_e.Encoder(n_hid=64, n_blk_per_group=1, vocab_size=vocab)
+    dec = dall_e.Decoder(n_init=32, n_hid=64, n_blk_per_group=1, vocab_size=vocab)   # n_init != 8 n_hid: an id_path
+    with torch.no_grad():
+        for p in [*enc.parameters(), *dec.parameters()]:
+            if p.ndim == 1:
+                p.normal_(0, 0.1)
+    return enc.eval(), dec.eval()
+
+
+def ours_from(enc, dec):
+    tok = cc.Tokenizer(cc.dvae_args(enc.state_dict(), "encoder", "e"), cc.dvae_args(dec.state_dict(), "decoder", "d"))
+    tok.encoder.load_state_dict(enc.state_dict()), tok.decoder.load_state_dict(dec.state_dict())   # strict: same keys
+    return tok.eval()
+
+
+def assert_same_outputs(tok, enc, dec):
+    import dall_e
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(cc.map_pixels(x), dall_e.map_pixels(x)) and torch.equal(cc.unmap_pixels(x), dall_e.unmap_pixels(x))
+    with torch.no_grad():
+        logits = enc(dall_e.map_pixels(x))                                   # (2, 512, 4, 4)
+        torch.testing.assert_close(tok.encoder(cc.map_pixels(x)), logits, atol=1e-4, rtol=0)
+        ids = logits.argmax(1)
+        assert torch.equal(tok.encode(x), ids)
+        onehot = torch.nn.functional.one_hot(ids, 512).permute(0, 3, 1, 2).float()
+        ref = dec(onehot)                                                    # (2, 6, 32, 32)
+        torch.testing.assert_close(tok.decoder(onehot), ref, atol=1e-4, rtol=0)
+        torch.testing.assert_close(tok.decoder(ids), ref, atol=1e-4, rtol=0)   # the column-lookup path
+        probs = torch.softmax(torch.randn(2, 512, 4, 4), 1)                  # soft probabilities (BEiT's forward)
+        torch.testing.assert_close(tok.decoder(probs), dec(probs), atol=1e-4, rtol=0)
+        torch.testing.assert_close(tok.decode(ids), dall_e.unmap_pixels(torch.sigmoid(ref[:, :3])), atol=1e-4, rtol=0)
+
+
+def test_dalle_interop():
+    enc, dec = dalle_pair()
+    tok = ours_from(enc, dec)
+    assert set(tok.encoder.state_dict()) == set(enc.state_dict()) and set(tok.decoder.state_dict()) == set(dec.state_dict())
+    assert_same_outputs(tok, enc, dec)
+
+
+def test_pickles_need_trust_and_bad_files_fail(tmp_path):
+    enc, dec = dalle_pair()
+    torch.save(enc, tmp_path / "encoder.pkl"), torch.save(dec, tmp_path / "decoder.pkl")   # whole modules, as DALL-E ships
+    e, d = str(tmp_path / "encoder.pkl"), str(tmp_path / "decoder.pkl")
+    with pytest.raises(SystemExit, match="--trust-pickle"):
+        cc.load_tokenizer(tiny(tokenizer="", dvae_encoder=e, dvae_decoder=d))
+    tok = cc.load_tokenizer(tiny(tokenizer="", dvae_encoder=e, dvae_decoder=d, trust_pickle=True))
+    assert_same_outputs(tok, enc, dec)
+    with pytest.raises(SystemExit, match="other half"):
+        cc.load_tokenizer(tiny(tokenizer="", dvae_encoder=d, dvae_decoder=e, trust_pickle=True))
+    torch.save(dalle_pair(vocab=1024)[1], tmp_path / "dec1024.pkl")
+    with pytest.raises(SystemExit, match="mismatch"):
+        cc.load_tokenizer(tiny(tokenizer="", dvae_encoder=e, dvae_decoder=str(tmp_path / "dec1024.pkl"), trust_pickle=True))
+    # the plain format round-trips without pickles; a file made for another grid fails
+    plain = tmp_path / "tokenizer.pth"
+    torch.save(cc.Tokenizer(tok.args["encoder"], tok.args["decoder"], size=64).state(), plain)
+    cc.load_tokenizer(tiny(tokenizer=str(plain)))
+    with pytest.raises(SystemExit, match="grid"):
+        cc.load_tokenizer(tiny(tokenizer=str(plain), patch_size=8))   # 32 / 8 = 4x4 patches vs an 8x8 tokenizer grid
+    for bad, msg in ((dict(tokenizer=str(tmp_path / "nope.pth")), "does not exist"), (dict(tokenizer=""), "exactly one"),
+                     (dict(dvae_encoder=e), "exactly one"), (dict(tokenizer="", dvae_encoder=e), "exactly one"),
+                     (dict(img_size=30), "multiple"), (dict(objective="mse"), "objective"),
+                     (dict(gen_share_blocks=3), "gen-share-blocks"), (dict(arch="resnet50", gen_share_blocks=1), "ViT")):
+        with pytest.raises(SystemExit, match=msg):
+            cc.validate(tiny(**bad))
+
+
+def test_revdet_labels_against_loop():
+    torch.manual_seed(0)
+    ids, sampled = torch.randint(0, 3, (4, 50)), torch.randint(0, 3, (4, 50))   # 3 codes: many samples equal the original
+    mask = cc.random_mask(4, 50, 0.5, "cpu")
+    corrupt, replaced = cc.corrupt_tokens(ids, mask, sampled)
+    for b in range(4):
+        for n in range(50):
+            want = sampled[b, n] if mask[b, n] else ids[b, n]
+            assert corrupt[b, n] == want and replaced[b, n] == bool(want != ids[b, n])
+    assert (mask & (sampled == ids)).any() and not replaced[mask & (sampled == ids)].any() and not replaced[~mask].any()
+
+
+@pytest.mark.parametrize("k", [3, 4])
+def test_window_norm_against_loop(k):
+    x = torch.randn(2, 3, 7, 9, dtype=torch.float64)
+    target, mean, std = cc.window_norm(x, k)
+    refl = lambda i, n: -i if i < 0 else (2 * (n - 1) - i if i >= n else i)
+    for b, c, i, j in [(b, c, i, j) for b in range(2) for c in range(3) for i in range(7) for j in range(9)]:
+        win = torch.stack([x[b, c, refl(i + di, 7), refl(j + dj, 9)]
+                           for di in range(-(k // 2), (k - 1) // 2 + 1) for dj in range(-(k // 2), (k - 1) // 2 + 1)])
+        want = (x[b, c, i, j] - win.mean()) / (win.var(unbiased=False) + 1e-6).sqrt()
+        assert abs(target[b, c, i, j] - want) < 1e-4
+
+
+def test_masks_and_sampling():
+    m = cc.random_mask(16, 196, 0.5, "cpu")
+    assert m.shape == (16, 196) and (m.sum(1) == 98).all()
+    torch.manual_seed(0)
+    bm = cc.block_mask(64, 14, 14, 75 / 196, "cpu")                          # BEiT's 75 of 196
+    assert bm.shape == (64, 196) and (bm.sum(1) <= 75).all() and bm.sum(1).float().mean() > 0.9 * 75
+    grid = bm.view(64, 14, 14).float()   # blocks, not salt-and-pepper: most masked patches have a masked neighbour
+    assert ((grid > 0) & (torch.nn.functional.avg_pool2d(grid[:, None], 3, 1, 1)[:, 0] * 9 - grid > 0)).sum() > 0.9 * grid.sum()
+    logits = torch.log(torch.tensor([0.7, 0.2, 0.1])).expand(1, 20000, 3)
+    freq = torch.bincount(cc.sample_tokens(logits, 1.0).flatten(), minlength=3) / 20000
+    assert torch.allclose(freq, torch.tensor([0.7, 0.2, 0.1]), atol=0.02)
+    assert (cc.sample_tokens(logits, 1e-3) == 0).all()                       # T -> 0: argmax
+
+
+def smooth_images(n, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=size, mode="bilinear")
+
+
+def test_tokenizer_training_reduces_reconstruction_loss():
+    torch.manual_seed(0)
+    tok, x = cc.new_tokenizer(tiny(tok_hid=32, tok_vocab=128), 32), smooth_images(4)
+    opt = torch.optim.Adam(tok.parameters(), lr=3e-3)
+    hist = []
+    for _ in range(25):
+        loss, logs = tok(x, 1.0, 0.03)   # Gumbel-softmax relaxation, logit-Laplace NLL + KL to uniform
+        opt.zero_grad(), loss.backward(), opt.step()
+        hist.append((logs["nll"].item(), logs["mse"].item()))
+    assert hist[-1][0] < hist[0][0] - 0.15 and hist[-1][1] < 0.9 * hist[0][1], hist[::5]
+
+
+def test_overfit_50_steps_lowers_enhancer_loss():
+    """One image, 50 steps: the enhancer (learned positions, so it can memorise) and the generator both fit it."""
+    torch.manual_seed(0)
+    cfg = tiny(patch_size=8, depth=2, drop_path=0.0, pos_embed="learned", tok_hid=32, tok_vocab=128)  # 4x4 tokens
+    model = cc.CIM(cfg, cc.load_tokenizer(cfg))
+    opt = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-3)
+    x, enh, gen = (torch.rand(1, 3, 32, 32) * 255).to(torch.uint8).expand(4, -1, -1, -1), [], []
+    for _ in range(50):
+        loss, logs = model(x)
+        opt.zero_grad(), loss.backward(), opt.step()
+        enh.append(logs["loss_enh"].item()), gen.append(logs["loss_gen"].item())
+    assert sum(enh[-5:]) < 0.5 * sum(enh[:5]) and sum(gen[-5:]) < 0.5 * sum(gen[:5]), (enh[::5], gen[::5])
+
+
+def run(*args):
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.mark.parametrize("arch,objective,extra", [
+    ("vit_tiny", "respix", ["--train-tokenizer", "--tok-epochs", "1", "--viz-every", "1"]),
+    ("vit_tiny", "revdet", ["--mask-type", "block", "--gen-share-blocks", "1", "--viz-every", "1"]),
+    ("resnet50", "respix", ["--batch-size", "4"]),
+    ("resnet50", "revdet", ["--batch-size", "4"])])
+def test_cpu_smoke_then_finetune(tmp_path, arch, objective, extra):
+    out = tmp_path / "pre"
+    run("cim_corrupt.py", "--preset", "tiny", "--data", "synthetic", "--device", "cpu", "--epochs", "1", "--steps-per-epoch",
+        "2", "--arch", arch, "--objective", objective, "--out", str(out), *extra)
+    ck = torch.load(out / "checkpoint.pth", weights_only=True)
+    sd, args = ck["encoders"][ck["default_encoder"]], ck["encoder_args"]
+    if arch == "resnet50":
+        assert args == {"arch": "resnet50"}
+        assert set(sd) == {k for k in torchvision.models.resnet50().state_dict() if not k.startswith("fc.")}
+    else:
+        assert args["arch"] == "vit" and "blocks.0.attn.q_bias" in sd and "blocks.0.attn.relative_position_bias_table" in sd
+    assert all(k in json.loads((out / "log.jsonl").read_text().splitlines()[-1]) for k in ("loss", "loss_gen", "loss_enh"))
+    if "--viz-every" in extra:
+        assert (out / "viz_epoch0.png").stat().st_size > 0
+    if "--train-tokenizer" in extra:
+        assert (out / "tokenizer.pth").exists()
+    run("finetune.py", "--preset", "tiny", "--pretrained", str(out / "checkpoint.pth"), "--data", "synthetic", "--device",
+        "cpu", "--mode", "finetune", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4", "--out",
+        str(tmp_path / "ft"))
