@@ -62,3 +62,138 @@ def count_flops(step, batch):
     with FlopCounterMode(display=False) as fc:
         step(batch)
     return fc.get_total_flops()
+
+
+def method_setup(name, cfg, device):
+    """-> (raw_model, forward(batch) -> loss, after_step(), a batch on the device, loader transform), the same calls
+    each method's main() makes per step."""
+    m = importlib.import_module(name)
+    if name == "conmim":
+        raw = m.ConMIM(cfg).to(device)
+        tf = m.TwoViews(cfg.img_size)
+        def fwd(b):
+            weak, strong = b
+            return raw(weak, strong, m.sample_mask(cfg, weak.shape[0], device))[0]
+    elif name == "cim_correlate":
+        raw, tf = m.CorrelationalIM(cfg).to(device), m.build_transform(cfg)
+        fwd = lambda b: raw(b)[0]
+    else:
+        raw = m.CIM(cfg, m.load_tokenizer(cfg).to(device)).to(device)
+        tf = m.build_transform(cfg)
+        fwd = lambda b: raw(b)[0]
+    if cfg.arch == "resnet50":
+        raw = raw.to(memory_format=torch.channels_last)
+    after = (lambda: raw.ema_update(0.999)) if hasattr(raw, "ema_update") else (lambda: None)
+    return raw, fwd, after, tf
+
+
+def make_step(raw, fwd, after, opt, amp_dtype, device, clip, compiled):
+    model_fwd = torch.compile(fwd) if compiled else fwd
+    def step(batch):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = model_fwd(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), clip)
+        opt.step()
+        after()
+    return step
+
+
+def classifier_setup(arch, cfg, device):
+    """Reference: a plain supervised step of the same backbone (timm's ViT if installed, else the shared ViT + head)."""
+    if arch == "resnet50":
+        import torchvision
+        net = torchvision.models.resnet50().to(device, memory_format=torch.channels_last)
+        name = "torchvision resnet50 classifier"
+    else:
+        try:
+            import timm
+            net = timm.create_model(f"{arch}_patch16_224", img_size=cfg.img_size, patch_size=cfg.patch_size,
+                                    num_classes=1000).to(device)
+            name = f"timm {arch} classifier"
+        except ImportError:
+            from finetune import VIT_SIZES, VisionTransformer
+            D, depth, heads = VIT_SIZES[arch]
+            vit = VisionTransformer(cfg.img_size, cfg.patch_size, D, depth, heads)
+            net = nn.Sequential(vit, nn.Flatten(1)).to(device)
+            name = f"shared {arch} + linear"
+    y = torch.randint(0, 1000, (cfg.batch_size,), device=device)
+    fwd = lambda b: F.cross_entropy(net(b).flatten(1)[:, :1000], y)
+    return net, fwd, name
+
+
+def loader_rate(tf, cfg, device, workers, n_batches):
+    """img/s of the data loader alone with the method's real CPU transform."""
+    ds = build_dataset(cfg.data, "train", tf, cfg.img_size, synthetic_size=cfg.batch_size * (n_batches + 2))
+    loader = build_loader(ds, cfg.batch_size, 1, 0, 0, workers, device)
+    it = iter(loader)
+    next(it)   # worker start-up
+    t = time.perf_counter()
+    n = sum(1 for _ in zip(range(n_batches), it))
+    return n * cfg.batch_size / (time.perf_counter() - t)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default="conmim,cim_correlate,cim_corrupt")
+    p.add_argument("--archs", default="vit,resnet50", help="vit (every method) and/or resnet50 (the two CIM files)")
+    p.add_argument("--arch", default="vit_base", help="ViT size for the vit rows")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--workers", type=int, default=16, help="loader workers for the loader-alone row")
+    p.add_argument("--data", default="synthetic", help="ImageFolder root for the loader row (JPEG decoding)")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--quick", action="store_true", help="CPU: each file's tiny preset, 2 timed steps (seconds)")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    peak = matmul_peak(device, amp_dtype or torch.float32)
+    warmup, iters = (1, 2) if args.quick else (3 if not args.compile else 10, args.iters)
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} CPU threads'}), "
+          f"dense {'bf16' if amp_dtype else 'fp32'} matmul {peak / 1e12:.2f} TFLOP/s, compile={args.compile}")
+    print(f"{'row':<42} {'batch':>5} {'img/s':>9} {'GFLOP/img':>10} {'MFU':>6} {'peak GiB':>9}")
+    def report(label, step, batch, bs):
+        flops = count_flops(step, batch)
+        sec, mem = time_step(step, batch, device, warmup, iters)
+        print(f"{label:<42} {bs:>5} {bs / sec:>9.1f} {flops / bs / 1e9:>10.2f} {flops / sec / peak:>6.1%} {mem:>9.2f}", flush=True)
+    for arch in args.archs.split(","):
+        for name in args.methods.split(","):
+            if arch == "resnet50" and name == "conmim":
+                continue
+            m = importlib.import_module(name)
+            flags = ["--preset", "tiny"] if args.quick else ["--img-size", str(args.img_size), "--batch-size", str(args.batch_size)]
+            flags += ["--device", args.device, "--data", args.data] + (["--arch", "resnet50"] if arch == "resnet50" else
+                                                                    [] if args.quick else ["--arch", args.arch])
+            if name == "cim_corrupt":
+                flags += ["--tokenizer", "random"]
+            if name == "cim_correlate" and arch == "resnet50" and args.quick:   # stride 16/32 needs >= 64 px contexts
+                flags += ["--img-size", "64", "--context-size", "64", "--exemplar-size", "32", "--batch-size", "4"]
+            cfg = parse_config(m.Config, flags)
+            m.validate(cfg)
+            raw, fwd, after, tf = method_setup(name, cfg, device)
+            ds = build_dataset("synthetic", "train", tf, cfg.img_size, synthetic_size=cfg.batch_size)
+            batch = torch.utils.data.default_collate([ds[i] for i in range(cfg.batch_size)])[0]
+            batch = [b.to(device) for b in batch] if isinstance(batch, (list, tuple)) else batch.to(device)
+            opt = torch.optim.AdamW([q for q in raw.parameters() if q.requires_grad], lr=1e-4, fused=device.type == "cuda")
+            step = make_step(raw, fwd, after, opt, amp_dtype, device, cfg.clip_grad, args.compile)
+            report(f"{name} {cfg.arch} {cfg.img_size}px", step, batch, cfg.batch_size)
+            if not args.quick:
+                print(f"{'  loader alone (' + str(args.workers) + ' workers)':<42} {cfg.batch_size:>5} "
+                      f"{loader_rate(tf, cfg, device, args.workers, 10):>9.1f}", flush=True)
+            del raw, opt, step
+        ref_arch = "resnet50" if arch == "resnet50" else cfg.arch
+        net, fwd, label = classifier_setup(ref_arch, cfg, device)
+        x = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, device=device)
+        if ref_arch == "resnet50":
+            x = x.contiguous(memory_format=torch.channels_last)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
+        report(f"{label} {cfg.img_size}px (reference)", make_step(net, fwd, lambda: None, opt, amp_dtype, device, 0, args.compile),
+               x, cfg.batch_size)
+
+
+if __name__ == "__main__":
+    main()
