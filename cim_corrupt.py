@@ -31,6 +31,7 @@ class Config:
     """Corrupted Image Modeling pre-training (defaults: ViT-B/16 enhancer, BEiT recipe; METHODS.md 1.3-1.4)."""
     data: str = "/imagenet"       # ImageFolder root with train/ (or a flat class-folder root); "synthetic" = smoke runs
     img_size: int = 224           # crop side; the dVAE sees the same crop resized to 8 * img_size / patch_size (BEiT 112)
+    crop_min_scale: float = 0.08  # RandomResizedCrop area scale (min, 1) of pre-training and dVAE training (BEiT 0.08)
     arch: str = "vit_base"        # enhancer (fine-tuned later): vit_tiny|small|base|large | resnet50 (paper: B/16, R-50)
     depth: int = 0                # ViT depth override; 0 = the arch's depth
     patch_size: int = 16          # token stride: ViT patch = generator patch = one dVAE cell. ResNet sees 16 * grid px
@@ -83,8 +84,15 @@ class Config:
     _TINY = dict(arch="vit_tiny", img_size=32, patch_size=4, batch_size=8, device="cpu", workers=0, epochs=1, log_every=1,
                  warmup_epochs=0, drop_path=0.0, blr=1.5e-2, gen_depth=2, gen_dim=192, tokenizer="random",  # lr 4.7e-4
                  tok_vocab=512, tok_hid=64, tok_blocks=1, respix_window=4)   # dall_e's smallest dVAE; 8 of 224 px ~ 1 of 32
-    PRESETS = {"tiny": _TINY, "small32": dict(_TINY, tokenizer="", train_tokenizer=True, tok_epochs=5, batch_size=64,
-                                              epochs=40, warmup_epochs=2, log_every=10, workers=2, blr=4e-3)}
+    # small32 (benchmarks/learning.py, a few CPU minutes on 32x32 real images): trains its own dVAE first (no DALL-E
+    # weights). tok_hid 16 (DALL-E 256, tiny 64): its 64 px view (8 px per token) costs ~1 s per batch of 64 to train at
+    # width 16 vs ~5 s at 64 on one core; tok_epochs 4 and tok_lr 3e-3 so it fits ~1.5 minutes. crop_min_scale 0.5: an
+    # 8%-area crop of a 32 px image of 8x8 digits is a few blurred source pixels. respix_window 16 (tiny: 4): a 4 px
+    # window is one patch, so the target is only each patch's own contrast; 16 px keeps the stroke layout across patches.
+    # Pre-training: batch 32 (more steps in the budget), lr 1e-3 (blr 8e-3), 1 warmup epoch, no drop path.
+    PRESETS = {"tiny": _TINY, "small32": dict(_TINY, tokenizer="", train_tokenizer=True, tok_hid=16, tok_epochs=4,
+                                              tok_lr=3e-3, crop_min_scale=0.5, respix_window=16, batch_size=32,
+                                              epochs=3, warmup_epochs=1, log_every=10, workers=2, blr=8e-3)}
 
 # ----------------------------------------------------------------------------- 4. Backbone (shared ViT; ResNet-50 from torchvision)
 
@@ -546,7 +554,7 @@ class CIM(nn.Module):
 # ----------------------------------------------------------------------------- 9. Data
 def build_transform(cfg):
     """BEiT: crop 0.08-1 bicubic, flip, ColorJitter 0.4 (after the crop: cheaper) -> uint8; other views on device."""
-    return T.Compose([T.RandomResizedCrop(cfg.img_size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+    return T.Compose([T.RandomResizedCrop(cfg.img_size, scale=(cfg.crop_min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC),
                       T.RandomHorizontalFlip(), T.ColorJitter(0.4, 0.4, 0.4), T.PILToTensor()])
 
 # ----------------------------------------------------------------------------- 10. Tokenizer training, visualisation
@@ -603,6 +611,8 @@ def validate(cfg):
     grid = cfg.img_size // cfg.patch_size
     if cfg.img_size % cfg.patch_size:
         fail(f"--img-size {cfg.img_size} is not a multiple of --patch-size {cfg.patch_size}")
+    if not 0 < cfg.crop_min_scale <= 1:
+        fail(f"--crop-min-scale {cfg.crop_min_scale} must be in (0, 1]")
     if not (0 < cfg.mask_ratio < 1 and cfg.sample_temperature > 0 and cfg.lam >= 0 and 0 <= cfg.respix_l1 <= 1):
         fail("need 0 < --mask-ratio < 1, --sample-temperature > 0, --lam >= 0 and 0 <= --respix-l1 <= 1")
     if not 1 <= cfg.respix_window <= min(cfg.img_size, 16 * grid) // 2:
@@ -684,8 +694,8 @@ def main(cfg):
             scaler.update()
             vals = progress.step(it, epoch, {"loss": loss, **logs}, lr_sched[it])
             last = vals or last
-            if vals is not None and not math.isfinite(vals["loss"]):
-                fail(f"loss is {vals['loss']} at step {it + 1}; last good checkpoint kept in {cfg.out}")
+            if (vals is not None or i + 1 == steps_per_epoch) and not math.isfinite(loss.item()):   # before any save
+                fail(f"loss is {loss.item()} at step {it + 1}; last good checkpoint kept in {cfg.out}")
             if cfg.stop_after and it + 1 - start >= cfg.stop_after:
                 save(cfg, raw_model, opt, scaler, epoch, it + 1, rank)
                 return print0(f"stopping after {cfg.stop_after} steps; run the same command again to resume")

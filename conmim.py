@@ -36,12 +36,13 @@ class Config:
     """ConMIM pre-training (defaults: ViT-B/16 with the official code's and README's values, METHODS.md 2.1-2.4)."""
     data: str = "/imagenet"       # ImageFolder root with train/ (or a flat class-folder root); "synthetic" = smoke runs
     img_size: int = 224           # crop side (official --input_size 224)
+    crop_min_scale: float = 0.08  # RandomResizedCrop area scale (min, 1), shared by both views (official 0.08)
     # model
     arch: str = "vit_base"        # vit_tiny | vit_small | vit_base | vit_large (paper: ViT-S/B/L, patch 16)
     depth: int = 0                # ViT depth override; 0 = the arch's depth
     patch_size: int = 16          # ViT patch side in pixels (official: 16)
-    pos_embed: str = "none"       # absolute positions: none (official: BEiT relative bias only) | sincos (fixed) | learned
     init_values: float = 0.1      # layer scale init (official default 0.1; README ViT-L 1e-5); 0 = off
+    rel_pos_init: float = 0.0     # std of the initial relative-position table; 0 = zeros (BEiT, official). See small32
     drop_path: float = 0.0        # stochastic depth, student and teacher (official default and README: 0)
     proj_hidden: int = 4096       # projector hidden width (official: Linear-BN-ReLU x2 at 4096)
     proj_dim: int = 256           # projector output width (official: 256, last BN without affine)
@@ -88,16 +89,19 @@ class Config:
         "tiny": dict(arch="vit_tiny", depth=4, img_size=32, patch_size=4, mask_patch=8, proj_hidden=256, proj_dim=64,
                      batch_size=8, epochs=1, warmup_epochs=0, device="cpu", workers=0, log_every=1),
         # benchmarks/learning.py: ViT-Tiny (12 blocks) at 32x32 / patch 4 on a small real dataset, a few CPU minutes
-        # (~200 steps). Changed from the official recipe, and why (README "Learning evidence"):
-        #  - pos_embed sincos: with relative positions only (zero-initialised table) every mask token enters the
-        #    encoder identical, so all masked queries are equal and the loss sits at log N until the table has learned;
-        #    fixed absolute positions let each masked query say where it is from step 1.
-        #  - ema 0.98: finetune.py evaluates the teacher, and at 0.996 -> 1 over ~200 steps it would still be two
+        # (176 steps). Changed from the official recipe, and why (README "Learning evidence"):
+        #  - crop_min_scale 0.5: a 32 px image of 8x8 digits cropped to 8% of its area is a few blurred source pixels:
+        #    its 64 patches are nearly identical, so the in-image dictionary has no answer.
+        #  - rel_pos_init 1.0: with the official zero table every mask token enters the encoder identical and attends
+        #    identically, so all masked queries are equal and the loss sits near log N until the table has learned.
+        #    Absolute positions are NOT the fix: with sin-cos positions the in-image dictionary is solved by position
+        #    alone (look-up accuracy 1.0 within one epoch) and the encoder learns no content (kNN below random init).
+        #  - ema 0.99: finetune.py evaluates the teacher, and at 0.996 -> 1 over ~200 steps it would still be two
         #    thirds its random init. mask_patch 8 keeps mps32's 2x2-patch cells (12 of 16 hidden).
         #  - batch 32 (more steps in the budget), lr 1e-3, 1 warmup epoch; narrow projector (1024 -> 128).
         "small32": dict(arch="vit_tiny", img_size=32, patch_size=4, mask_patch=8, proj_hidden=1024, proj_dim=128,
-                        pos_embed="sincos", ema=0.98, batch_size=32, lr=1e-3, warmup_epochs=1, epochs=5,
-                        device="cpu", workers=2, log_every=10),
+                        crop_min_scale=0.5, rel_pos_init=1.0, ema=0.99, batch_size=32, lr=1e-3, warmup_epochs=1,
+                        epochs=4, device="cpu", workers=2, log_every=10),
     }
 
 # ----------------------------------------------------------------------------- 4. Backbone (shared ViT)
@@ -412,13 +416,15 @@ class ConMIM(nn.Module):
         super().__init__()
         D, depth, heads = VIT_SIZES[cfg.arch]
         self.vit_args = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=D, depth=cfg.depth or depth,
-                             num_heads=heads, mlp_ratio=4.0, qkv_bias=True, pos_embed=cfg.pos_embed, rel_pos="shared",
+                             num_heads=heads, mlp_ratio=4.0, qkv_bias=True, pos_embed="none", rel_pos="shared",
                              init_values=cfg.init_values or None)               # what finetune.py rebuilds
         self.student = VisionTransformer(**self.vit_args, drop_path=cfg.drop_path)
         self.projector = projector(D, cfg.proj_hidden, cfg.proj_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
         beit_init(self.student, self.projector)
+        if cfg.rel_pos_init:   # not official: a zero table makes every mask token identical through the encoder at init
+            nn.init.trunc_normal_(self.student.rel_pos_bias.relative_position_bias_table, std=cfg.rel_pos_init)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)            # starts as the student (official)
         self.teacher_projector = copy.deepcopy(self.projector).requires_grad_(False)
         self.tau, self.cross_image, self.teacher_bn = cfg.tau, cfg.negatives == "batch", cfg.teacher_bn
@@ -457,10 +463,10 @@ class TwoViews:
     """Asymmetric image perturbations (Sec. 3.3; official transforms): ONE crop + flip shared by both views, so patch
     i is the same region in both; the student's weak view is only normalised, the teacher's strong view adds colour
     jitter, grayscale, blur and solarize. -> (weak, strong), each (3, S, S)."""
-    def __init__(self, img_size):
+    def __init__(self, img_size, crop_min_scale=0.08):
         norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
         self.geometry = T.Compose([T.RandomHorizontalFlip(), T.RandomResizedCrop(
-            img_size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC)])
+            img_size, scale=(crop_min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC)])
         self.weak = T.Compose(norm)
         self.strong = T.Compose([T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(0.2),
                                  T.RandomApply([T.Lambda(pil_blur)], p=0.1), T.RandomSolarize(128, p=0.2), *norm])
@@ -517,7 +523,8 @@ def validate(cfg):
     else:
         fail(f"--mask-type {cfg.mask_type}: choose random_mps32 or block")
     for ok, msg in [(cfg.tau > 0, f"--tau {cfg.tau} must be > 0"),
-                    (cfg.pos_embed in ("none", "sincos", "learned"), f"--pos-embed {cfg.pos_embed}: choose none, sincos or learned"),
+                    (cfg.rel_pos_init >= 0, f"--rel-pos-init {cfg.rel_pos_init} must be >= 0"),
+                    (0 < cfg.crop_min_scale <= 1, f"--crop-min-scale {cfg.crop_min_scale} must be in (0, 1]"),
                     (cfg.negatives in ("image", "batch"), f"--negatives {cfg.negatives}: choose image or batch"),
                     (cfg.teacher_bn in ("batch", "running"), f"--teacher-bn {cfg.teacher_bn}: choose batch or running"),
                     (cfg.amp in ("bf16", "fp16", "off"), f"--amp {cfg.amp}: choose bf16, fp16 or off"),
@@ -554,7 +561,7 @@ def main(cfg):
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     prepare_out(cfg.out, cfg, __file__)
 
-    dataset = build_dataset(cfg.data, "train", TwoViews(cfg.img_size), cfg.img_size)   # METHOD: two views
+    dataset = build_dataset(cfg.data, "train", TwoViews(cfg.img_size, cfg.crop_min_scale), cfg.img_size)   # METHOD: two views
     loader = build_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device)
     steps_per_epoch = min(len(loader), cfg.steps_per_epoch or len(loader))
     total_steps = cfg.epochs * steps_per_epoch

@@ -59,7 +59,12 @@ def time_step(step, batch, device, warmup, iters):
 
 
 def count_flops(step, batch):
-    with FlopCounterMode(display=False) as fc:
+    """Counted FLOPs of one step. CPU SDPA kernels are not in torch's table: count them like the GPU ones."""
+    aten, flop = torch.ops.aten, torch.utils.flop_counter
+    cpu_sdpa = {aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: flop.sdpa_flop(q, k, v),
+                aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                    lambda g, q, k, v, *a, **kw: flop.sdpa_backward_flop(g, q, k, v)}
+    with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as fc:
         step(batch)
     return fc.get_total_flops()
 
