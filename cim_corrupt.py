@@ -84,12 +84,7 @@ class Config:
     _TINY = dict(arch="vit_tiny", img_size=32, patch_size=4, batch_size=8, device="cpu", workers=0, epochs=1, log_every=1,
                  warmup_epochs=0, drop_path=0.0, blr=1.5e-2, gen_depth=2, gen_dim=192, tokenizer="random",  # lr 4.7e-4
                  tok_vocab=512, tok_hid=64, tok_blocks=1, respix_window=4)   # dall_e's smallest dVAE; 8 of 224 px ~ 1 of 32
-    # small32 (benchmarks/learning.py, a few CPU minutes on 32x32 real images): trains its own dVAE first (no DALL-E
-    # weights). tok_hid 16 (DALL-E 256, tiny 64): its 64 px view (8 px per token) costs ~1 s per batch of 64 to train at
-    # width 16 vs ~5 s at 64 on one core; tok_epochs 4 and tok_lr 3e-3 so it fits ~1.5 minutes. crop_min_scale 0.5: an
-    # 8%-area crop of a 32 px image of 8x8 digits is a few blurred source pixels. respix_window 16 (tiny: 4): a 4 px
-    # window is one patch, so the target is only each patch's own contrast; 16 px keeps the stroke layout across patches.
-    # Pre-training: batch 32 (more steps in the budget), lr 1e-3 (blr 8e-3), 1 warmup epoch, no drop path.
+    # small32 (benchmarks/learning.py, README): dVAE width 16 (fast), crops >= 0.5, ResPix window 16 (4 px = one patch)
     PRESETS = {"tiny": _TINY, "small32": dict(_TINY, tokenizer="", train_tokenizer=True, tok_hid=16, tok_epochs=4,
                                               tok_lr=3e-3, crop_min_scale=0.5, respix_window=16, batch_size=32,
                                               epochs=3, warmup_epochs=1, log_every=10, workers=2, blr=8e-3)}
@@ -579,10 +574,8 @@ def train_tokenizer(cfg, rank, world, device, path):
             loss.backward()
             opt.step()
             progress.step(it, epoch, {"loss": loss, **logs}, lrs[it])
-    if rank == 0:
-        save_checkpoint(tok.state(), path)
-    if world > 1:
-        torch.distributed.barrier()
+    if rank == 0: save_checkpoint(tok.state(), path)
+    if world > 1: torch.distributed.barrier()   # the other ranks load the file next
 
 @torch.no_grad()
 def visualize(m, images, path):
@@ -611,10 +604,9 @@ def validate(cfg):
     grid = cfg.img_size // cfg.patch_size
     if cfg.img_size % cfg.patch_size:
         fail(f"--img-size {cfg.img_size} is not a multiple of --patch-size {cfg.patch_size}")
-    if not 0 < cfg.crop_min_scale <= 1:
-        fail(f"--crop-min-scale {cfg.crop_min_scale} must be in (0, 1]")
-    if not (0 < cfg.mask_ratio < 1 and cfg.sample_temperature > 0 and cfg.lam >= 0 and 0 <= cfg.respix_l1 <= 1):
-        fail("need 0 < --mask-ratio < 1, --sample-temperature > 0, --lam >= 0 and 0 <= --respix-l1 <= 1")
+    if not (0 < cfg.mask_ratio < 1 and cfg.sample_temperature > 0 and cfg.lam >= 0 and 0 <= cfg.respix_l1 <= 1
+            and 0 < cfg.crop_min_scale <= 1):
+        fail("need 0 < --mask-ratio < 1, --sample-temperature > 0, --lam >= 0, 0 <= --respix-l1, --crop-min-scale <= 1")
     if not 1 <= cfg.respix_window <= min(cfg.img_size, 16 * grid) // 2:
         fail(f"--respix-window {cfg.respix_window}: must be between 1 and half the image side")
     D, depth = VIT_SIZES.get(cfg.arch, (768, 0))[:2]
@@ -629,8 +621,7 @@ def validate(cfg):
         fail("give exactly one tokenizer: --tokenizer PATH (from --train-tokenizer), --dvae-encoder E --dvae-decoder D "
              "(both; DALL-E's need --trust-pickle), --train-tokenizer, or --tokenizer random (smoke tests only)")
     for p in (cfg.dvae_encoder, cfg.dvae_decoder, "" if cfg.tokenizer == "random" else cfg.tokenizer):
-        if p and not os.path.isfile(p):
-            fail(f"tokenizer file {p} does not exist")
+        if p and not os.path.isfile(p): fail(f"tokenizer file {p} does not exist")
 
 def save(cfg, raw_model, opt, scaler, epoch, step, rank):
     layout = dict if cfg.arch == "resnet50" else to_timm_layout   # torchvision keys (no fc.*) or timm keys
@@ -654,8 +645,7 @@ def main(cfg):
         cfg.tokenizer = os.path.join(cfg.out, "tokenizer.pth")
         if not os.path.isfile(cfg.tokenizer):
             train_tokenizer(cfg, rank, world, device, cfg.tokenizer)
-        if cfg.epochs == 0:
-            return
+        if cfg.epochs == 0: return   # tokenizer only
     tokenizer = load_tokenizer(cfg).to(device)                         # METHOD: file errors stop the run here
     if cfg.trust_pickle and not cfg.tokenizer and rank == 0:   # later runs: --tokenizer OUT/tokenizer.pth, no pickle
         save_checkpoint(tokenizer.state(), os.path.join(cfg.out, "tokenizer.pth"))
