@@ -13,8 +13,7 @@ Fine-tune recipe (BEiT / ConMIM README, METHODS.md 2.5): AdamW (0.9, 0.999), lr 
 decay 0.65, 100 epochs, 20 warmup, drop path 0.1, RandAugment m9, random erasing 0.25, mixup 0.8 / cutmix 1.0,
 label smoothing 0.1, mean-pooled tokens + fc_norm. Linear probe (BEiT run_linear_eval): cls + mean-pooled patch
 tokens, no BatchNorm, AdamW wd 1e-4. kNN (DINO): L2-normalised features, k = 20, T = 0.07, weighted vote.
-Sections: 1 config | 2 backbone | 3 encoder loading | 4 data | 5 train / eval | 6 main.
-"""
+Sections: 1 config | 2 backbone | 3 encoder loading | 4 data | 5 train / eval | 6 main."""
 import dataclasses, os, re
 from itertools import islice
 
