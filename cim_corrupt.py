@@ -84,10 +84,10 @@ class Config:
     _TINY = dict(arch="vit_tiny", img_size=32, patch_size=4, batch_size=8, device="cpu", workers=0, epochs=1, log_every=1,
                  warmup_epochs=0, drop_path=0.0, blr=1.5e-2, gen_depth=2, gen_dim=192, tokenizer="random",  # lr 4.7e-4
                  tok_vocab=512, tok_hid=64, tok_blocks=1, respix_window=4)   # dall_e's smallest dVAE; 8 of 224 px ~ 1 of 32
-    # small32 (benchmarks/learning.py, README): dVAE width 16 (fast), crops >= 0.5, ResPix window 16 (4 px = one patch)
+    # small32 (learning.py, README): dVAE width 16, crops >= 0.5, ResPix window 16 (4 px), 12 epochs (3: kNN below init)
     PRESETS = {"tiny": _TINY, "small32": dict(_TINY, tokenizer="", train_tokenizer=True, tok_hid=16, tok_epochs=4,
                                               tok_lr=3e-3, crop_min_scale=0.5, respix_window=16, batch_size=32,
-                                              epochs=3, warmup_epochs=1, log_every=10, workers=2, blr=8e-3)}
+                                              epochs=12, warmup_epochs=1, log_every=10, workers=2, blr=8e-3)}
 
 # ----------------------------------------------------------------------------- 4. Backbone (shared ViT; ResNet-50 from torchvision)
 
