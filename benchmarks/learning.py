@@ -73,7 +73,7 @@ def features(pretrained, data, extra=None):
     cfg = Config(mode="knn", pretrained=str(pretrained), data=str(data), img_size=32, device="cpu", **(extra or {}))
     seed_all(0)                                # the random baseline is the same encoder every run
     enc, dim, args = build_encoder(cfg)
-    model = Classifier(enc, dim, 10, "knn", "mean", args["arch"] == "vit").eval()
+    model = Classifier(enc, dim, 1, "knn", "mean", args["arch"] == "vit").eval()   # only .features is used
     tf = build_transforms(cfg, 32)[1]
     out = {}
     for split in ("train", "val"):
@@ -158,7 +158,7 @@ def main():
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--epochs", type=int, default=0, help="pre-training epochs for every method (0 = its small32 preset)")
     p.add_argument("--linear-steps", type=int, default=300, help="full-batch steps of the linear probe")
-    p.add_argument("--reuse", action="store_true", help="reuse finished pre-training runs and evaluations found in --out")
+    p.add_argument("--reuse", action="store_true", help="reuse finished pre-training runs found in --out (evaluation always reruns: seconds)")
     p.add_argument("--quick", action="store_true", help="seconds-long run on 20 digits per class: checks the pipeline only")
     p.add_argument("--out", default="out/learning")
     args = p.parse_args()
@@ -206,7 +206,7 @@ def main():
                 (init / "pretrain").mkdir(parents=True)
                 if (o / "pretrain" / "tokenizer.pth").exists():   # cim_corrupt: the same dVAE, not trained again
                     shutil.copy(o / "pretrain" / "tokenizer.pth", init / "pretrain" / "tokenizer.pth")
-                run([*cmd[:6], str(init / "pretrain"), *cmd[7:], "--stop-after", "1", "--epochs", str(epochs)], o / "init.log")
+                run([*cmd[:6], str(init / "pretrain"), *cmd[7:], "--stop-after", "1"], o / "init.log")
             results["rows"][f"{m} at init"] = evaluate(init / "pretrain" / "checkpoint.pth", data, args)
     print(f"\n{'encoder':<22} {'kNN':>6} {'linear':>7} {'best block kNN':>15} {'best block linear':>18} {'pre-train':>12}  notes")
     for name, r in results["rows"].items():
