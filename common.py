@@ -76,6 +76,31 @@ def set_rng_state(s):
 
 # ----------------------------------------------------------------------------- schedules and optimizer groups
 
+def accum_steps(global_batch, batch_size, world, accum_iter=1):
+    """Micro-batches per optimizer step: global_batch / (batch_size x world) if --global-batch is set, else accum_iter."""
+    if global_batch:
+        if global_batch % (batch_size * world):
+            fail(f"--global-batch {global_batch} is not a multiple of --batch-size {batch_size} x {world} processes")
+        return global_batch // (batch_size * world)
+    if accum_iter < 1:
+        fail(f"--accum-iter {accum_iter}: must be >= 1")
+    return accum_iter
+
+def batch_warning(global_batch, paper_batch, steps_per_epoch):
+    """Warn when the global batch is > 2x away from the recipe's: per-step schedules (EMA, lr) then change."""
+    if paper_batch and not 0.5 <= global_batch / paper_batch <= 2:
+        r = paper_batch / global_batch
+        print0(f"warning: global batch {global_batch} vs the recipe's {paper_batch}: {r:.1f}x as many optimizer steps "
+               f"per epoch ({steps_per_epoch}), so per-step EMA momentum and the lr schedule act {r:.1f}x as often per "
+               f"image; use --global-batch {paper_batch} (accumulation) to match")
+
+def all_finite(flag):
+    """True when the 0-d bool tensor `flag` is True on every rank (one all-reduce: call it on log steps only)."""
+    t = flag.detach().to(torch.int32).clone()
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
 def cosine_schedule(base, final, total_steps, warmup_steps=0, warmup_start=0.0):
     """Per-step values (DINO-style array, as Python floats): linear warmup_start -> base, then cosine -> final."""
     warmup = np.linspace(warmup_start, base, warmup_steps, endpoint=False)
@@ -86,9 +111,10 @@ def no_decay(name, p):
     """timm/BEiT: no weight decay on 1-D params (biases, norms, layer scale), position/cls/mask tokens, rel-pos tables."""
     return p.ndim <= 1 or name.split(".")[-1] in ("pos_embed", "cls_token", "mask_token", "relative_position_bias_table")
 
-def param_groups(model, weight_decay):
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and not no_decay(n, p)]
-    skip = [p for n, p in model.named_parameters() if p.requires_grad and no_decay(n, p)]
+def param_groups(model, weight_decay, skip_decay=no_decay):
+    """Two AdamW groups; `skip_decay(name, param) -> bool` picks the no-decay ones (a method may pass its own rule)."""
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and not skip_decay(n, p)]
+    skip = [p for n, p in model.named_parameters() if p.requires_grad and skip_decay(n, p)]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": skip, "weight_decay": 0.0}]
 
 # ----------------------------------------------------------------------------- checkpoints and output dir
@@ -115,13 +141,23 @@ def load_checkpoint(path, map_location="cpu"):
     except Exception as e:
         fail(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}")
 
-def resume(out, raw_model, opt, scaler, rank=0, seed=0):
+def run_settings(cfg, script, keys=("arch", "epochs")):
+    """The values that define a run; stored in the checkpoint as "settings" and compared by resume()."""
+    return {"script": os.path.basename(script), **{k: getattr(cfg, k) for k in keys}}
+
+def resume(out, raw_model, opt, scaler, rank=0, seed=0, settings=None):
     """Auto-resume from out/checkpoint.pth if present: model, optimizer, scaler, RNG. Returns the global step done.
-    With loader workers=0 a resumed CPU run reproduces the uninterrupted loss curve exactly (tests/test_common.py)."""
+    With loader workers=0 a resumed CPU run reproduces the uninterrupted loss curve exactly (tests/test_common.py).
+    `settings` (run_settings(...)) must equal the checkpoint's, else one error line names the keys that differ."""
     path = os.path.join(out, "checkpoint.pth")
     if not os.path.isfile(path):
         return 0
     ck = load_checkpoint(path)
+    diff = sorted(k for k in (settings or {}) if ck.get("settings", {}).get(k, settings[k]) != settings[k])
+    if diff:
+        changed = ", ".join(f"{k}: {ck['settings'][k]} -> {settings[k]}" for k in diff)
+        fail(f"{path} was written by a different run ({changed}); pass a new --out to start a fresh run, "
+             "or the old values to resume")
     raw_model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"]), scaler.load_state_dict(ck["scaler"])
     set_rng_state(ck["rng"])   # rank 0's streams; other ranks get fresh, distinct ones
     if rank:
