@@ -17,7 +17,7 @@ from PIL import Image
 from common import parse_config
 from conftest import ROOT
 from conmim import (Config, ConMIM, TwoViews, block_mask, conmim_loss, ema_update, main, param_groups,
-                    random_mps_mask, sample_mask)
+                    random_mps_mask, sample_mask, to_timm_layout)
 
 
 def slow_loss(q, k, mask, tau, cross_image):
@@ -79,7 +79,8 @@ def test_block_mask_exact_counts_and_blocks(grid, n_mask, min_block):
         nb = F.conv2d(v, torch.tensor([[[[0.0, 1, 0], [1, 0, 1], [0, 1, 0]]]]))
         assert ((nb.flatten(1) > 0) & m).sum() > 0.95 * m.sum()
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    assert torch.equal(block_mask(4, grid, n_mask, min_block, "cpu", g1), block_mask(4, grid, n_mask, min_block, "cpu", g2))
+    a, b = block_mask(4, grid, n_mask, min_block, "cpu", g1), block_mask(4, grid, n_mask, min_block, "cpu", g2)
+    assert torch.equal(a, b)
 
 
 def test_sample_mask_defaults_scale_with_grid():
@@ -91,7 +92,8 @@ def test_sample_mask_defaults_scale_with_grid():
 
 def test_ema_update_math():
     torch.manual_seed(0)
-    student, teacher = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    student = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    teacher = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
     student(torch.randn(8, 4))                                                       # non-trivial running stats
     t0, s0 = [p.clone() for p in teacher.parameters()], [p.clone() for p in student.parameters()]
     ema_update([teacher], [student], 0.9)
@@ -149,7 +151,7 @@ def test_overfit_one_batch():
                                        (["--mask-patch", "6"], "--mask-patch 6 must be a multiple"),
                                        (["--mask-patch", "12"], "that divides --img-size 32"),
                                        (["--mask-type", "block", "--mask-patches", "64"], "< 64 patches"),
-                                       (["--mask-type", "grid"], "choose random_mps32 or block"),
+                                       (["--mask-type", "grid"], "choose from random_mps32, block"),
                                        (["--arch", "vit_huge"], "--arch vit_huge"), (["--tau", "0"], "--tau 0.0")])
 def test_bad_input_fails_before_anything_is_built(tmp_path, capsys, flags, msg):
     out = tmp_path / "never"
@@ -157,6 +159,36 @@ def test_bad_input_fails_before_anything_is_built(tmp_path, capsys, flags, msg):
         main(parse_config(Config, ["--preset", "tiny", "--data", "synthetic", "--out", str(out), *flags]))
     assert str(e.value).startswith("error: ") and msg in str(e.value), str(e.value)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("preset,extra", [("tiny", []), ("small32", ["--depth", "2"])])
+def test_exported_encoders_load_strict_into_timm_beit_and_finetune(tmp_path, preset, extra):
+    """The checkpoint's encoders (teacher and student, beit_* layout) load with strict=True into timm's Beit and give
+    the same tokens (1e-4); finetune.py's loader rebuilds them from "encoder_args" with the same output."""
+    timm = pytest.importorskip("timm")
+    import finetune
+    torch.manual_seed(0)
+    cfg = parse_config(Config, ["--preset", preset, *extra])
+    model = ConMIM(cfg).eval()
+    with torch.no_grad():   # non-trivial tables, k/q/v biases and a teacher != student, so the test can fail
+        for n, p in model.named_parameters():
+            if "relative_position" in n or n.endswith("bias"):
+                p.normal_(0, 0.5)
+        model.ema_update(0.5)
+    args = {"arch": "vit", **model.vit_args}
+    x = torch.randn(2, 3, 32, 32)
+    for name in ("teacher", "student"):
+        enc = getattr(model, name)
+        sd = to_timm_layout(enc.state_dict())
+        theirs = timm.models.beit.Beit(img_size=32, patch_size=4, embed_dim=192, depth=len(enc.blocks),
+                                        num_heads=3, num_classes=0, global_pool="token", use_abs_pos_emb=False,
+                                        use_rel_pos_bias=True, init_values=cfg.init_values or None).eval()
+        theirs.load_state_dict(sd, strict=True)
+        torch.testing.assert_close(theirs.forward_features(x), enc(x), atol=1e-4, rtol=0)
+        torch.save({"encoders": {name: sd}, "encoder_args": args, "default_encoder": name}, tmp_path / "ck.pth")
+        ours, dim, _ = finetune.build_encoder(parse_config(finetune.Config, ["--pretrained", str(tmp_path / "ck.pth")]))
+        assert dim == 192
+        torch.testing.assert_close(ours.eval()(x), enc(x), atol=1e-4, rtol=0)
 
 
 def run(*args):
