@@ -17,6 +17,7 @@ in docs/conmim.md.
 Sections: config | masking | loss | projector, teacher, EMA | model | data | training loop, main |
 appendix: BEiT-style ViT, visualisation, argument checks.
 """
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -33,9 +34,9 @@ from torchvision import transforms
 from torchvision.ops import stochastic_depth
 from torchvision.utils import save_image
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, Progress, build_dataset, build_loader, cosine_schedule, fail,
-                    log_json, param_groups, parse_config, prepare_out, print0, resume, rng_state, save_checkpoint,
-                    seed_all, setup_dist)
+from common import (IMAGENET_MEAN, IMAGENET_STD, Progress, accum_steps, all_finite, batch_warning, build_dataset,
+                    build_loader, cosine_schedule, fail, log_json, param_groups, parse_config, prepare_out, print0,
+                    resume, rng_state, run_settings, save_checkpoint, seed_all, setup_dist)
 
 # ----------------------------------------------------------------------------- config
 
@@ -67,11 +68,15 @@ class Config:
     teacher_bn: str = "batch"     # teacher BatchNorm: batch (official: teacher never in eval mode) | running statistics
     # optimisation (official AdamW betas 0.9/0.98, eps 1e-8)
     epochs: int = 300             # paper Table 1: ViT-B 300 ep -> 83.5
-    batch_size: int = 64          # per GPU (official default; README ViT-L: 64 x 32 GPUs = 2048)
+    batch_size: int = 64          # per GPU per micro-batch (official default; README ViT-L: 64 x 32 GPUs = 2048)
+    accum_iter: int = 1           # micro-batches per optimizer step; inexact: projector BN sees each micro-batch alone
+    global_batch: int = 0         # target global batch: accum = G / (batch size x GPUs); 0 = batch x GPUs x accum
+    paper_batch: int = 0          # the recipe's global batch (presets set it); >2x away prints a warning
+    paper_row: str = ""           # the paper result a preset reproduces, printed in the recipe line
     lr: float = 5e-4              # ABSOLUTE peak lr, not scaled with the batch (official default 5e-4)
     min_lr: float = 1e-5          # cosine floor (official --min_lr 1e-5)
     warmup_epochs: int = 10       # linear warmup from 0 (README 10; official default 5)
-    weight_decay: float = 0.05    # constant (official); none on 1-D params, cls/mask tokens, rel-pos table (common.py)
+    weight_decay: float = 0.05    # constant (official); none on 1-D params, cls token (official_skip_decay)
     clip_grad: float = 1.0        # max global grad norm (README 1.0; official default: off); 0 = off
     # system
     device: str = "cuda"          # "cpu" works (slowly) - CI uses it
@@ -84,18 +89,25 @@ class Config:
     viz_every: int = 0            # write OUT/viz_epoch{E}.png every N epochs (masks, student-teacher similarity)
     out: str = "out/conmim"       # checkpoints, log.jsonl, config.json; an existing checkpoint.pth is resumed
     seed: int = 0
-    preset: str = ""              # vit_small | vit_base | vit_large | tiny (CPU smoke) | small32 (CPU learning run)
+    preset: str = ""              # a paper row (vit_small_300ep ... vit_large_1600ep) | tiny | small32 (CPU runs)
 
     CHOICES = {"arch": ("vit_tiny", "vit_small", "vit_base", "vit_large"), "mask_type": ("random_mps32", "block"),
                "negatives": ("image", "batch"), "teacher_bn": ("batch", "running"), "amp": ("bf16", "fp16", "off")}
 
     PRESETS = {
-        # README model zoo: ViT-S/16 300 ep -> 82.0; lr and batch unpublished, so the official defaults
-        "vit_small": dict(arch="vit_small", epochs=300),
-        # README model zoo: ViT-B/16 800 ep -> 83.7
-        "vit_base": dict(arch="vit_base", epochs=800),
-        # README pre-training command (32 GPUs x 64 = 2048): lr 7.5e-4, 1600 ep, layer scale 1e-5
-        "vit_large": dict(arch="vit_large", epochs=1600, lr=7.5e-4, init_values=1e-5),
+        # paper Table 2 / TencentARC/ConMIM/README.md:15@4263955; S/B lr and batch unpublished: official default lr,
+        # the ViT-L command's global batch 2048 (README.md:63@4263955) assumed
+        "vit_small_300ep": dict(arch="vit_small", epochs=300, paper_batch=2048, paper_row="ViT-S/16 300 ep -> 82.0"),
+        # paper Table 1 (TencentARC/ConMIM/imgs/results.png@4263955); the file's defaults plus the batch assumption
+        "vit_base_300ep": dict(arch="vit_base", epochs=300, paper_batch=2048, paper_row="ViT-B/16 300 ep -> 83.5"),
+        # paper Table 1 / TencentARC/ConMIM/README.md:16@4263955
+        "vit_base_800ep": dict(arch="vit_base", epochs=800, paper_batch=2048, paper_row="ViT-B/16 800 ep -> 83.7"),
+        # TencentARC/ConMIM/README.md:60-67@4263955 (64 x 32 GPUs, lr 7.5e-4, layer scale 1e-5), :18 -> 85.5
+        "vit_large_1600ep": dict(arch="vit_large", epochs=1600, lr=7.5e-4, init_values=1e-5, paper_batch=2048,
+                                 paper_row="ViT-L/16 1600 ep -> 85.5"),
+        # the same command at 800 ep: TencentARC/ConMIM/README.md:17@4263955 -> 85.2
+        "vit_large_800ep": dict(arch="vit_large", epochs=800, lr=7.5e-4, init_values=1e-5, paper_batch=2048,
+                                paper_row="ViT-L/16 800 ep -> 85.2"),
         # CPU smoke run: 32x32, patch 4, 4 blocks, narrow projector (docs/conmim.md)
         "tiny": dict(arch="vit_tiny", depth=4, img_size=32, patch_size=4, mask_patch=8, proj_hidden=256, proj_dim=64,
                      batch_size=8, epochs=1, warmup_epochs=0, device="cpu", workers=0, log_every=1),
@@ -191,22 +203,34 @@ def projector(dim, hidden, out):
                          nn.Linear(hidden, out, bias=False), nn.BatchNorm1d(out, affine=False))
 
 
-def project(mlp, tokens):
-    """(B, T, D) -> (B, T, d); BatchNorm statistics over all B*T tokens, cls included (official)."""
+def project(mlp, tokens, track=False):
+    """(B, T, D) -> (B, T, d); BatchNorm statistics over all B*T tokens, cls included (official). track=True (teacher
+    with --teacher-bn running, BN in eval mode): each BN first updates its own running statistics from these tokens,
+    then normalises with them."""
     B, n_tokens, _ = tokens.shape
-    return mlp(tokens.flatten(0, 1)).view(B, n_tokens, -1)
+    x = tokens.flatten(0, 1)                                                         # (B*T, D)
+    for layer in mlp:
+        if track and isinstance(layer, nn.BatchNorm1d) and not layer.training:
+            F.batch_norm(x.detach(), layer.running_mean, layer.running_var, training=True, momentum=layer.momentum)
+        x = layer(x)
+    return x.view(B, n_tokens, -1)
 
 
 @torch.no_grad()
 def ema_update(teachers, students, m):
     """Momentum teacher: xi <- m * xi + (1 - m) * theta for every parameter, projector included, after each
-    optimizer step. BatchNorm running statistics are copied from the student."""
+    optimizer step. Parameters only: BatchNorm buffers stay the teacher's own (official engine_for_pretraining.py:96-106
+    @4263955)."""
     t = [p for mod in teachers for p in mod.parameters()]
     s = [p for mod in students for p in mod.parameters()]
     torch._foreach_mul_(t, m)
     torch._foreach_add_(t, s, alpha=1.0 - m)
-    for bt, bs in zip((b for mod in teachers for b in mod.buffers()), (b for mod in students for b in mod.buffers())):
-        bt.copy_(bs)
+
+
+def official_skip_decay(name, p):
+    """No weight decay on 1-D params and biases, and on cls_token / pos_embed only: the mask token and the
+    relative-position table are decayed (TencentARC/ConMIM/optim_factory.py:60, modeling_pretrain.py:124@4263955)."""
+    return p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in ("cls_token", "pos_embed")
 
 
 def beit_init(vit, *modules):
@@ -260,7 +284,7 @@ class ConMIM(nn.Module):
         x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)          # mask token before the encoder
         q = project(self.projector, self.student.forward_tokens(x, grid))[:, 1:]     # (B, N, d): cls dropped after
         with torch.no_grad():                                                        # sg[.]: no gradient to the keys
-            k = project(self.teacher_projector, self.teacher(strong))[:, 1:]         # (B, N, d)
+            k = project(self.teacher_projector, self.teacher(strong), self.teacher_bn == "running")[:, 1:]
         return q, k
 
     def forward(self, weak, strong, mask):
@@ -300,13 +324,45 @@ class TwoViews:
 # ----------------------------------------------------------------------------- training loop and main
 
 
-def save(cfg, raw_model, opt, scaler, epoch, step):
+def save(cfg, raw_model, opt, scaler, epoch, step, settings):
     """One file: everything to resume, plus both encoders in timm beit_* layout (finetune.py loads the teacher)."""
     encoders = {name: to_timm_layout(getattr(raw_model, name).state_dict()) for name in ("teacher", "student")}
     save_checkpoint({"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                      "step": step, "epoch": epoch, "rng": rng_state(), "config": dataclasses.asdict(cfg),
+                     "settings": settings,
                      "encoders": encoders, "encoder_args": {"arch": "vit", **raw_model.vit_args},
                      "default_encoder": "teacher"}, os.path.join(cfg.out, "checkpoint.pth"))
+
+
+def optimizer_step(raw_model, opt, scaler, clip_grad, momentum):
+    """Clip, step, scaler update, then teacher <- EMA(student); the EMA is skipped when fp16's GradScaler skipped the
+    step (inf/NaN gradients: its scale drops). The scale is read on the host on the fp16 path only."""
+    if clip_grad > 0:
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(raw_model.parameters(), clip_grad)
+    scale = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(opt)
+    scaler.update()
+    if scale is None or scaler.get_scale() >= scale:
+        raw_model.ema_update(momentum)
+    opt.zero_grad(set_to_none=True)
+
+
+def recipe_line(cfg, world, accum, steps_per_epoch):
+    """The one line that says which recipe this run is."""
+    g = cfg.img_size // cfg.patch_size
+    if cfg.mask_type == "block":
+        n_mask, min_block = block_sizes(cfg, g * g)
+        masking = f"block ({n_mask} of {g * g} patches, blocks >= {min_block})"
+    else:
+        cells, cell = (cfg.img_size // cfg.mask_patch) ** 2, (cfg.mask_patch // cfg.patch_size) ** 2
+        hide = math.ceil(cfg.mask_ratio * cells - 1e-9)
+        masking = f"random_mps32 ({hide} of {cells} {cfg.mask_patch}px cells = {hide * cell} of {g * g} patches)"
+    precision = cfg.amp if cfg.device.startswith("cuda") and cfg.amp != "off" else "fp32"
+    return (f"recipe: {cfg.preset or 'defaults'} | global batch {cfg.batch_size * world * accum} = {cfg.batch_size} "
+            f"per GPU x {world} GPUs x {accum} accum | peak lr {cfg.lr:.2e} (absolute, not scaled with the batch: "
+            f"official) | {steps_per_epoch} steps/epoch x {cfg.epochs} epochs | EMA {cfg.ema} -> 1 cosine per step | "
+            f"{masking} | {precision}" + (f" | paper row: {cfg.paper_row}" if cfg.paper_row else ""))
 
 
 def main(cfg):
@@ -316,57 +372,65 @@ def main(cfg):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if device.type == "cuda" else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    accum = accum_steps(cfg.global_batch, cfg.batch_size, world, cfg.accum_iter)
+    global_batch = cfg.batch_size * world * accum
     prepare_out(cfg.out, cfg, __file__)
 
     dataset = build_dataset(cfg.data, "train", TwoViews(cfg.img_size, cfg.crop_min_scale), cfg.img_size)
     loader = build_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device)
-    steps_per_epoch = min(len(loader), cfg.steps_per_epoch or len(loader))
+    steps_per_epoch = min(len(loader) // accum, cfg.steps_per_epoch or len(loader))   # optimizer steps
+    if steps_per_epoch < 1:
+        fail(f"{len(loader)} micro-batches per epoch: fewer than the {accum} accumulated per optimizer step")
     total_steps = cfg.epochs * steps_per_epoch
 
     raw_model = ConMIM(cfg).to(device)                 # saves / EMA / logs from this one
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    print0(f"lr {cfg.lr:.2e}: absolute, not scaled with the global batch {cfg.batch_size * world} (official ConMIM); "
-           f"{total_steps} steps, {cfg.mask_type} masking")
-    opt = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8,
-                            fused=device.type == "cuda")   # teacher params have requires_grad=False: not in here
+    print0(recipe_line(cfg, world, accum, steps_per_epoch))
+    batch_warning(global_batch, cfg.paper_batch, steps_per_epoch)
+    opt = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay, skip_decay=official_skip_decay), lr=cfg.lr,
+                            betas=(0.9, 0.98), eps=1e-8, fused=device.type == "cuda")   # teacher: no grad, not here
     lr_sched = cosine_schedule(cfg.lr, cfg.min_lr, total_steps, cfg.warmup_epochs * steps_per_epoch)
-    ema_sched = cosine_schedule(cfg.ema, 1.0, total_steps)   # momentum 0.996 -> 1, per step (official)
-    start = resume(cfg.out, raw_model, opt, scaler, rank, cfg.seed)
-    progress = Progress(total_steps, cfg.batch_size * world, cfg.log_every)
+    ema_sched = cosine_schedule(cfg.ema, 1.0, total_steps)   # momentum 0.996 -> 1, per optimizer step (official)
+    settings = {**run_settings(cfg, __file__, ("arch", "depth", "img_size", "patch_size", "epochs", "mask_type")),
+                "global_batch": global_batch}
+    start = resume(cfg.out, raw_model, opt, scaler, rank, cfg.seed, settings=settings)   # optimizer steps done
+    progress = Progress(total_steps, global_batch, cfg.log_every)
     finite, vals = torch.ones((), dtype=torch.bool, device=device), {}
 
     for epoch in range(start // steps_per_epoch, cfg.epochs):
         loader.sampler.set_epoch(epoch)
-        loader.sampler.start_step = start % steps_per_epoch if epoch == start // steps_per_epoch else 0
+        first = (start % steps_per_epoch) * accum if epoch == start // steps_per_epoch else 0   # in micro-batches
+        loader.sampler.start_step = first
         raw_model.train()
-        first = loader.sampler.start_step   # islice, not `if i >= n: break`, which would fetch one batch too many
-        for i, ((weak, strong), _) in enumerate(itertools.islice(loader, steps_per_epoch - first), start=first):
-            it = epoch * steps_per_epoch + i
-            for g in opt.param_groups:
-                g["lr"] = lr_sched[it]
+        micro = itertools.islice(loader, steps_per_epoch * accum - first)   # islice: no extra batch fetched
+        for i, ((weak, strong), _) in enumerate(micro, start=first):
+            it, final = epoch * steps_per_epoch + i // accum, (i + 1) % accum == 0   # optimizer step index
+            if i % accum == 0:
+                for g in opt.param_groups:
+                    g["lr"] = lr_sched[it]
+                sums = None
             weak, strong = weak.to(device, non_blocking=True), strong.to(device, non_blocking=True)
             mask = sample_mask(cfg, weak.shape[0], device)                    # (B, N) bool on the device
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, logs = model(weak, strong, mask)                        # student, teacher, InfoNCE
+            with model.no_sync() if world > 1 and not final else contextlib.nullcontext():   # all-reduce on the last
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss, logs = model(weak, strong, mask)                    # student, teacher, InfoNCE
+                scaler.scale(loss / accum).backward()
             finite &= torch.isfinite(loss)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.clip_grad > 0:
-                scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
-            scaler.step(opt)
-            scaler.update()
-            raw_model.ema_update(ema_sched[it])                               # teacher <- EMA(student)
-            logged = progress.step(it, epoch, {"loss": loss, **logs}, lr_sched[it])   # syncs only on log steps
+            step_logs = {"loss": loss.detach() / accum, **{k: v / accum for k, v in logs.items()}}
+            sums = step_logs if sums is None else {k: sums[k] + v for k, v in step_logs.items()}
+            if not final:
+                continue
+            optimizer_step(raw_model, opt, scaler, cfg.clip_grad, ema_sched[it])
+            logged = progress.step(it, epoch, sums, lr_sched[it])            # syncs only on log steps
             vals = logged or vals
-            if (logged is not None or i + 1 == steps_per_epoch) and not finite.item():
+            if (logged is not None or it + 1 == (epoch + 1) * steps_per_epoch) and not all_finite(finite):
                 fail(f"loss became NaN/inf by step {it + 1}; stopped, last good checkpoint kept in {cfg.out}")
             if cfg.stop_after and it + 1 - start >= cfg.stop_after:
                 break
         if rank == 0:
-            save(cfg, raw_model, opt, scaler, epoch, it + 1)                  # atomic, every epoch (and on stop)
+            save(cfg, raw_model, opt, scaler, epoch, it + 1, settings)        # atomic, every epoch (and on stop)
         log_json(cfg.out, {"epoch": epoch, "step": it + 1, **vals})
         if cfg.stop_after and it + 1 - start >= cfg.stop_after and it + 1 < total_steps:
             print0(f"stopping after {cfg.stop_after} steps; run the same command again to resume")
@@ -573,6 +637,8 @@ def validate(cfg):
                     (cfg.init_values >= 0 and cfg.depth >= 0, "--init-values and --depth must be >= 0"),
                     (cfg.proj_hidden > 0 and cfg.proj_dim > 0, "--proj-hidden and --proj-dim must be > 0"),
                     (cfg.batch_size > 0 and cfg.epochs > 0, "--batch-size and --epochs must be > 0"),
+                    (cfg.accum_iter >= 1, f"--accum-iter {cfg.accum_iter} must be >= 1"),
+                    (min(cfg.global_batch, cfg.paper_batch) >= 0, "--global-batch and --paper-batch must be >= 0"),
                     (cfg.lr > 0 and cfg.min_lr >= 0, "--lr must be > 0 and --min-lr >= 0"),
                     (min(cfg.warmup_epochs, cfg.weight_decay, cfg.clip_grad, cfg.steps_per_epoch, cfg.stop_after,
                          cfg.workers, cfg.viz_every) >= 0 and cfg.log_every > 0, "negative count or --log-every 0")]:
