@@ -172,8 +172,8 @@ def test_fp16_skipped_step_leaves_student_and_teacher_alone():
 
 def test_accumulation_equals_one_big_batch(tmp_path, monkeypatch):
     """2 micro-batches of 4 with --accum-iter 2 (and with --global-batch 8) == 1 batch of 8: weights to 1e-5, AdamW
-    moments to 1e-4 (relative norm). The projector's BatchNorm makes the real model inexact (statistics per micro-batch), so it is replaced by
-    a BN-free MLP here, and every image gets the same mask, so both runs see the same work."""
+    moments to 1e-4 (relative norm). The projector's BatchNorm makes the real model inexact (statistics per
+    micro-batch), so a BN-free MLP replaces it here; every image gets the same mask, so both runs see the same work."""
     import conmim
     monkeypatch.setattr(conmim, "projector", lambda d, h, o: nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, o)))
     row = sample_mask(parse_config(Config, ["--preset", "tiny"]), 1, "cpu")
@@ -282,6 +282,7 @@ def test_paper_presets_and_recipe_line():
             "vit_large_1600ep": "85.5"}
     for preset, acc in rows.items():
         cfg = parse_config(Config, ["--preset", preset, "--data", "/imagenet"])
+        assert cfg.global_batch == 2048                                               # accumulation derived in main
         line = recipe_line(cfg, 8, 4, 625)
         assert line.startswith(f"recipe: {preset} | global batch 2048 = 64 per GPU x 8 GPUs x 4 accum") and acc in line
         assert cfg.paper_batch == 2048 and "148 of 196 patches" in line
