@@ -266,8 +266,8 @@ def test_exported_encoders_load_strict_into_timm_beit_and_finetune(tmp_path, pre
         enc = getattr(model, name)
         sd = to_timm_layout(enc.state_dict())
         theirs = timm.models.beit.Beit(img_size=32, patch_size=4, embed_dim=192, depth=len(enc.blocks),
-                                        num_heads=3, num_classes=0, global_pool="token", use_abs_pos_emb=False,
-                                        use_rel_pos_bias=True, init_values=cfg.init_values or None).eval()
+                                       num_heads=3, num_classes=0, global_pool="token", use_abs_pos_emb=False,
+                                       use_rel_pos_bias=True, init_values=cfg.init_values or None).eval()
         theirs.load_state_dict(sd, strict=True)
         torch.testing.assert_close(theirs.forward_features(x), enc(x), atol=1e-4, rtol=0)
         torch.save({"encoders": {name: sd}, "encoder_args": args, "default_encoder": name}, tmp_path / "ck.pth")
@@ -311,7 +311,10 @@ def test_cpu_smoke_exact_resume_viz_then_finetune(tmp_path):
     other = subprocess.run([sys.executable, *base, "--accum-iter", "4", "--out", str(tmp_path / "b")], cwd=ROOT,
                            capture_output=True, text=True, timeout=600, env=env)   # global batch 16: another run
     assert other.returncode == 1 and "different run (global_batch: 8 -> 16)" in other.stderr, other.stderr
-    losses = lambda out: [l.split("|")[1] for l in out.splitlines() if l.startswith("ep ")]
+
+    def losses(out):
+        return [line.split("|")[1] for line in out.splitlines() if line.startswith("ep ")]
+
     assert losses(a.stdout) == losses(b1.stdout) + losses(b2.stdout) and len(losses(a.stdout)) == 4
     ck = torch.load(tmp_path / "a" / "checkpoint.pth", weights_only=True)
     ckb = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)
@@ -323,7 +326,7 @@ def test_cpu_smoke_exact_resume_viz_then_finetune(tmp_path):
     assert not any("mask_token" in k or "projector" in k for k in teacher)
     assert not torch.equal(teacher["blocks.0.attn.qkv.weight"], ck["encoders"]["student"]["blocks.0.attn.qkv.weight"])
     assert (tmp_path / "a" / "viz_epoch0.png").exists() and (tmp_path / "a" / "viz_epoch1.png").exists()
-    assert [json.loads(l)["epoch"] for l in open(tmp_path / "a" / "log.jsonl")] == [0, 1]
+    assert [json.loads(line)["epoch"] for line in open(tmp_path / "a" / "log.jsonl")] == [0, 1]
     ft = run("finetune.py", "--pretrained", str(tmp_path / "a" / "checkpoint.pth"), "--data", "synthetic", "--device",
              "cpu", "--mode", "finetune", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4", "--workers",
              "0", "--out", str(tmp_path / "ft"))
