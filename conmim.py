@@ -544,13 +544,7 @@ class VisionTransformer(nn.Module):
         dpr = [drop_path * i / max(depth - 1, 1) for i in range(depth)]   # linearly increasing stochastic depth
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, init_values, dpr[i])
                                      for i in range(depth)])
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        # A generic init that beit_init (ConMIM.__init__) overwrites; kept so a seed gives the same weights as before.
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-        nn.init.xavier_uniform_(self.patch_embed.proj.weight.view(embed_dim, -1))
-        nn.init.normal_(self.cls_token, std=0.02)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)   # weights: beit_init, called by ConMIM
 
     def patchify(self, images):                                        # (B, C, H, W) -> (B, N, D)
         return self.patch_embed.proj(images).flatten(2).transpose(1, 2)
