@@ -11,8 +11,8 @@ arXiv 2205.09616. Official code: https://github.com/TencentARC/ConMIM (cited as 
 A student ViT sees the weakly augmented view with patches replaced by a mask token; a momentum teacher sees the full,
 strongly augmented view. Each masked student patch feature must find the teacher feature at its own position among
 all patches of the same image (InfoNCE, tau 0.1). No tokenizer, no pixel targets. finetune.py fine-tunes the teacher.
-Result: ImageNet not measured here (paper Table 1: ViT-B/16 300 ep 83.5); CPU runs and the small32 learning run are
-in docs/conmim.md.
+Result: ImageNet not measured (paper Table 1: ViT-B/16 300 ep -> 83.5). Measured 2026-11-27 on a 2-core CPU: small32
+preset on sklearn digits, 4 epochs: loss 4.20 -> ~3.0, masked look-up accuracy 0.02 -> 0.15 (docs/conmim.md).
 
 Sections: config | masking | loss | projector, teacher, EMA | model | data | training loop, main |
 appendix: BEiT-style ViT, visualisation, argument checks.
@@ -83,9 +83,9 @@ class Config:
     amp: str = "bf16"             # bf16 | fp16 | off (CUDA only; CPU runs fp32). Official: fp16 autocast
     compile: bool = False         # torch.compile the model (student + teacher forward and the loss)
     workers: int = 10             # data loader processes per GPU (official 10)
-    steps_per_epoch: int = 0      # 0 = full pass; >0 caps it (smoke tests)
-    stop_after: int = 0           # exit after this many steps of this run, leaving a resumable checkpoint; 0 = off
-    log_every: int = 50           # progress line every N steps
+    steps_per_epoch: int = 0      # optimizer steps per epoch: 0 = full pass; >0 caps it (smoke tests)
+    stop_after: int = 0           # exit after this many optimizer steps, leaving a resumable checkpoint; 0 = off
+    log_every: int = 50           # progress line every N optimizer steps
     viz_every: int = 0            # write OUT/viz_epoch{E}.png every N epochs (masks, student-teacher similarity)
     out: str = "out/conmim"       # checkpoints, log.jsonl, config.json; an existing checkpoint.pth is resumed
     seed: int = 0
