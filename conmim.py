@@ -88,7 +88,7 @@ class Config:
     log_every: int = 50           # progress line every N optimizer steps
     viz_every: int = 0            # write OUT/viz_epoch{E}.png every N epochs (masks, student-teacher similarity)
     out: str = "out/conmim"       # checkpoints, log.jsonl, config.json; an existing checkpoint.pth is resumed
-    seed: int = 0
+    seed: int = 0                 # global seed; process r uses seed + r
     preset: str = ""              # a paper row (vit_small_300ep ... vit_large_1600ep) | tiny | small32 (CPU runs)
 
     CHOICES = {"arch": ("vit_tiny", "vit_small", "vit_base", "vit_large"), "mask_type": ("random_mps32", "block"),
