@@ -331,8 +331,7 @@ def save(cfg, raw_model, opt, scaler, epoch, step, settings):
     encoders = {name: to_timm_layout(getattr(raw_model, name).state_dict()) for name in ("teacher", "student")}
     save_checkpoint({"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                      "step": step, "epoch": epoch, "rng": rng_state(), "config": dataclasses.asdict(cfg),
-                     "settings": settings,
-                     "encoders": encoders, "encoder_args": {"arch": "vit", **raw_model.vit_args},
+                     "settings": settings, "encoders": encoders, "encoder_args": {"arch": "vit", **raw_model.vit_args},
                      "default_encoder": "teacher"}, os.path.join(cfg.out, "checkpoint.pth"))
 
 
