@@ -1,39 +1,49 @@
 """
 conmim.py - ConMIM pre-training in one file: masked image modeling as patch-level denoising contrast.
-Paper: Yi, Ge, Li, Yang, Li, Wu, Shan, Qie, "Masked Image Modeling with Denoising Contrast", arXiv 2205.09616
-(ICLR 2023). Official code: https://github.com/TencentARC/ConMIM (facts used here: METHODS.md section 2).
 
-    python conmim.py --data /imagenet --epochs 300                                     # 1 GPU, ViT-B/16
-    torchrun --nproc_per_node 8 conmim.py --data /imagenet --batch-size 256            # 8 GPUs, global batch 2048
-    python conmim.py --preset vit_large --data /imagenet                                # the README's ViT-L/16 command
-    python conmim.py --preset tiny --data synthetic --out out/conmim_tiny              # CPU smoke run, seconds
-    python finetune.py --pretrained out/conmim/checkpoint.pth --data /imagenet          # fine-tunes the teacher (README)
+Paper: Yi, Ge, Li, Yang, Li, Wu, Shan, Qie, "Masked Image Modeling with Denoising Contrast", ICLR 2023,
+arXiv 2205.09616. Official code: https://github.com/TencentARC/ConMIM (cited as TencentARC/ConMIM/path:line@4263955).
+
+    python conmim.py --data /imagenet --epochs 300                                   # ViT-B/16, 1 GPU, batch 64
+    torchrun --nproc_per_node 8 conmim.py --preset vit_base_300ep --data /imagenet   # 64 x 8 GPUs x 4 accum = 2048
+    python conmim.py --preset tiny --data synthetic --out out/conmim_tiny            # CPU smoke run, seconds
 
 A student ViT sees the weakly augmented view with patches replaced by a mask token; a momentum teacher sees the full,
 strongly augmented view. Each masked student patch feature must find the teacher feature at its own position among
-all patches of the same image (InfoNCE, tau 0.1). No tokenizer, no pixel targets.
-Result: not measured here yet (paper: ViT-B/16 300 ep 83.5, 800 ep 83.7 ImageNet top-1 after fine-tuning).
-Sections: 3 config | 4 backbone | 5 init, projector | 6 masking | 7 loss, EMA | 8 model | 9 data | 10 viz, checks | 11 main.
+all patches of the same image (InfoNCE, tau 0.1). No tokenizer, no pixel targets. finetune.py fine-tunes the teacher.
+Result: ImageNet not measured (paper Table 1: ViT-B/16 300 ep -> 83.5). Measured 2026-11-27 on a 2-core CPU: small32
+preset on sklearn digits, 4 epochs: loss 4.20 -> ~3.0, masked look-up accuracy 0.02 -> 0.15 (docs/conmim.md).
+
+Sections: config | masking | loss | projector, teacher, EMA | model | data | training loop, main |
+appendix: BEiT-style ViT, visualisation, argument checks.
 """
-import copy, dataclasses, itertools, math, os, random, re
+import contextlib
+import copy
+import dataclasses
+import itertools
+import math
+import os
+import random
+import re
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import ImageFilter
-from torchvision import transforms as T
+from torchvision import transforms
+from torchvision.ops import stochastic_depth
 from torchvision.utils import save_image
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, Progress, build_dataset, build_loader, cosine_schedule, fail,
-                    log_json, param_groups, parse_config, prepare_out, print0, resume, rng_state, save_checkpoint,
-                    seed_all, setup_dist)
+from common import (IMAGENET_MEAN, IMAGENET_STD, Progress, accum_steps, all_finite, batch_warning, build_dataset,
+                    build_loader, cosine_schedule, fail, log_json, param_groups, parse_config, prepare_out, print0,
+                    resume, rng_state, run_settings, save_checkpoint, seed_all, setup_dist)
 
-# ----------------------------------------------------------------------------- 3. Config
+# ----------------------------------------------------------------------------- config
 
 
 @dataclasses.dataclass
 class Config:
-    """ConMIM pre-training (defaults: ViT-B/16 with the official code's and README's values, METHODS.md 2.1-2.4)."""
+    """ConMIM pre-training; defaults: ViT-B/16 with the official code's values (see docs/conmim.md)."""
     data: str = "/imagenet"       # ImageFolder root with train/ (or a flat class-folder root); "synthetic" = smoke runs
     img_size: int = 224           # crop side (official --input_size 224)
     crop_min_scale: float = 0.08  # RandomResizedCrop area scale (min, 1), shared by both views (official 0.08)
@@ -42,7 +52,7 @@ class Config:
     depth: int = 0                # ViT depth override; 0 = the arch's depth
     patch_size: int = 16          # ViT patch side in pixels (official: 16)
     init_values: float = 0.1      # layer scale init (official default 0.1; README ViT-L 1e-5); 0 = off
-    rel_pos_init: float = 0.0     # std of the initial relative-position table; 0 = zeros (BEiT, official). See small32
+    rel_pos_init: float = 0.0     # std of the initial relative-position table; 0 = zeros (BEiT, official)
     drop_path: float = 0.0        # stochastic depth, student and teacher (official default and README: 0)
     proj_hidden: int = 4096       # projector hidden width (official: Linear-BN-ReLU x2 at 4096)
     proj_dim: int = 256           # projector output width (official: 256, last BN without affine)
@@ -57,274 +67,64 @@ class Config:
     ema: float = 0.996            # teacher momentum, cosine per step to 1 (official --t_momentum 0.996)
     teacher_bn: str = "batch"     # teacher BatchNorm: batch (official: teacher never in eval mode) | running statistics
     # optimisation (official AdamW betas 0.9/0.98, eps 1e-8)
-    epochs: int = 300             # paper Table 1: ViT-B 300 ep -> 83.5 (README model zoo: 800 ep -> 83.7)
-    batch_size: int = 64          # per GPU (official default; README ViT-L: 64 x 32 GPUs = 2048)
-    lr: float = 5e-4              # ABSOLUTE peak lr, not scaled with the batch (official default 5e-4; README ViT-L 7.5e-4)
+    epochs: int = 300             # paper Table 1: ViT-B 300 ep -> 83.5
+    batch_size: int = 64          # per GPU per micro-batch (official default; README ViT-L: 64 x 32 GPUs = 2048)
+    accum_iter: int = 1           # micro-batches per optimizer step; inexact: projector BN sees each micro-batch alone
+    global_batch: int = 0         # target global batch: accum = G / (batch size x GPUs); 0 = batch x GPUs x accum
+    paper_batch: int = 0          # the recipe's global batch (presets set it); >2x away prints a warning
+    paper_row: str = ""           # the paper result a preset reproduces, printed in the recipe line
+    lr: float = 5e-4              # ABSOLUTE peak lr, not scaled with the batch (official default 5e-4)
     min_lr: float = 1e-5          # cosine floor (official --min_lr 1e-5)
     warmup_epochs: int = 10       # linear warmup from 0 (README 10; official default 5)
-    weight_decay: float = 0.05    # constant (official); none on 1-D params, cls/mask tokens, rel-pos table (common.py)
+    weight_decay: float = 0.05    # constant (official); none on 1-D params, cls token (official_skip_decay)
     clip_grad: float = 1.0        # max global grad norm (README 1.0; official default: off); 0 = off
     # system
     device: str = "cuda"          # "cpu" works (slowly) - CI uses it
     amp: str = "bf16"             # bf16 | fp16 | off (CUDA only; CPU runs fp32). Official: fp16 autocast
     compile: bool = False         # torch.compile the model (student + teacher forward and the loss)
     workers: int = 10             # data loader processes per GPU (official 10)
-    steps_per_epoch: int = 0      # 0 = full pass; >0 caps it (smoke tests)
-    stop_after: int = 0           # exit after this many steps of this run, leaving a resumable checkpoint; 0 = off
-    log_every: int = 50           # progress line every N steps
-    viz_every: int = 0            # write OUT/viz_epoch{E}.png every N epochs (inputs, masks, student-teacher similarity)
+    steps_per_epoch: int = 0      # optimizer steps per epoch: 0 = full pass; >0 caps it (smoke tests)
+    stop_after: int = 0           # exit after this many optimizer steps, leaving a resumable checkpoint; 0 = off
+    log_every: int = 50           # progress line every N optimizer steps
+    viz_every: int = 0            # write OUT/viz_epoch{E}.png every N epochs (masks, student-teacher similarity)
     out: str = "out/conmim"       # checkpoints, log.jsonl, config.json; an existing checkpoint.pth is resumed
-    seed: int = 0
-    preset: str = ""              # vit_small | vit_base | vit_large | tiny (CPU smoke) | small32 (CPU learning benchmark)
+    seed: int = 0                 # global seed; process r uses seed + r
+    preset: str = ""              # a paper row (vit_small_300ep ... vit_large_1600ep) | tiny | small32 (CPU runs)
+
+    CHOICES = {"arch": ("vit_tiny", "vit_small", "vit_base", "vit_large"), "mask_type": ("random_mps32", "block"),
+               "negatives": ("image", "batch"), "teacher_bn": ("batch", "running"), "amp": ("bf16", "fp16", "off")}
 
     PRESETS = {
-        # README model zoo: ViT-S/16 300 ep -> 82.0. Its lr and batch are not published: the official defaults
-        "vit_small": dict(arch="vit_small", epochs=300),
-        # README model zoo: ViT-B/16 800 ep -> 83.7 (the file's defaults are the paper's 300-epoch row)
-        "vit_base": dict(arch="vit_base", epochs=800),
-        # README pre-training command (32 A100 x batch 64 = 2048): lr 7.5e-4, 1600 ep, layer scale 1e-5
-        "vit_large": dict(arch="vit_large", epochs=1600, lr=7.5e-4, init_values=1e-5),
-        # CPU smoke run: 32x32 images, patch 4 -> 8x8 grid; mask patch 8 px keeps mps32's 2x2-patch cells (12 of 16
-        # hidden); 4 blocks and a narrow projector so that two steps take seconds
+        # paper Table 2, TencentARC/ConMIM/README.md:15@4263955; S/B batch unpublished: the ViT-L command's 2048 assumed
+        "vit_small_300ep": dict(arch="vit_small", epochs=300, global_batch=2048, paper_batch=2048,
+                                paper_row="ViT-S/16 300 ep -> 82.0"),
+        # paper Table 1 (TencentARC/ConMIM/imgs/results.png@4263955): the defaults, batch 2048 assumed
+        "vit_base_300ep": dict(arch="vit_base", epochs=300, global_batch=2048, paper_batch=2048,
+                               paper_row="ViT-B/16 300 ep -> 83.5"),
+        # paper Table 1, TencentARC/ConMIM/README.md:16@4263955; batch 2048 assumed
+        "vit_base_800ep": dict(arch="vit_base", epochs=800, global_batch=2048, paper_batch=2048,
+                               paper_row="ViT-B/16 800 ep -> 83.7"),
+        # TencentARC/ConMIM/README.md:53-67@4263955: 32 GPUs x 64, lr 7.5e-4, layer scale 1e-5; Table 3 / README.md:18
+        "vit_large_1600ep": dict(arch="vit_large", epochs=1600, lr=7.5e-4, init_values=1e-5, global_batch=2048,
+                                 paper_batch=2048, paper_row="ViT-L/16 1600 ep -> 85.5"),
+        # the same command at 800 epochs: paper Table 3, TencentARC/ConMIM/README.md:17@4263955
+        "vit_large_800ep": dict(arch="vit_large", epochs=800, lr=7.5e-4, init_values=1e-5, global_batch=2048,
+                                paper_batch=2048, paper_row="ViT-L/16 800 ep -> 85.2"),
+        # CPU smoke run: 32x32, patch 4, 4 blocks, narrow projector (docs/conmim.md)
         "tiny": dict(arch="vit_tiny", depth=4, img_size=32, patch_size=4, mask_patch=8, proj_hidden=256, proj_dim=64,
                      batch_size=8, epochs=1, warmup_epochs=0, device="cpu", workers=0, log_every=1),
-        # benchmarks/learning.py: ViT-Tiny (12 blocks) at 32x32 / patch 4 on a small real dataset, a few CPU minutes
-        # (352 steps). Changed from the official recipe, and why (README "Learning evidence"):
-        #  - init_values 0 (no layer scale; official 0.1): with 0.1 the mask tokens' outputs stay near-identical
-        #    (pairwise cosine 0.96 at init vs 0.74 without), the look-up sits at chance for the whole budget and the
-        #    teacher ends at kNN 49.5; without it look-up accuracy climbs to ~0.25 and kNN to 73-78 (init: 49).
-        #  - crop_min_scale 0.5: a 32 px image of 8x8 digits cropped to 8% of its area is a few blurred source pixels:
-        #    its 64 patches are nearly identical, so the in-image dictionary has no answer.
-        #  - rel_pos_init 1.0: with the official zero table every mask token enters the encoder identical and attends
-        #    identically, so all masked queries are equal and the loss sits near log N until the table has learned.
-        #    Absolute positions are NOT the fix: with sin-cos positions the in-image dictionary is solved by position
-        #    alone (look-up accuracy 1.0 within one epoch) and the encoder learns no content (kNN below random init).
-        #  - ema 0.99: finetune.py evaluates the teacher, and at 0.996 -> 1 over a few hundred steps it would still
-        #    be mostly its random init. mask_patch 8 keeps mps32's 2x2-patch cells (12 of 16 hidden).
-        #  - batch 32 (more steps in the budget), lr 1e-3, 1 warmup epoch; narrow projector (1024 -> 128).
+        # CPU learning run (benchmarks/learning.py); each change from the recipe and why: docs/conmim.md
         "small32": dict(arch="vit_tiny", img_size=32, patch_size=4, mask_patch=8, proj_hidden=1024, proj_dim=128,
                         crop_min_scale=0.5, rel_pos_init=1.0, init_values=0.0, ema=0.99, batch_size=32, lr=1e-3,
                         warmup_epochs=1, epochs=8, device="cpu", workers=2, log_every=10),
     }
 
-# ----------------------------------------------------------------------------- 4. Backbone (shared ViT)
-
-# >>> shared:vit  (byte-identical in every file that has it; tests/test_shared.py enforces it)
-VIT_SIZES = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6),  # name: (width D, depth, heads)
-             "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16)}
-
-
-def sincos_pos_embed(D, h, w):
-    """Fixed 2-D sin-cos positions (MAE): half the channels encode the row, half the column -> (h*w, D)."""
-    omega = 1.0 / 10000 ** (torch.arange(D // 4, dtype=torch.float64) / (D // 4))       # (D/4,)
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
-    out = [f(c.flatten()[:, None] * omega) for c in (xs, ys) for f in (torch.sin, torch.cos)]  # 4 x (h*w, D/4)
-    return torch.cat(out, dim=1).float()                                               # (h*w, D)
-
-
-def resize_pos_embed(pos_embed, old_grid, new_grid):
-    """(1, 1+gh*gw, D) positions for another grid: bicubic on the patch part, the cls position kept."""
-    if tuple(old_grid) == tuple(new_grid):
-        return pos_embed
-    grid = pos_embed[:, 1:].reshape(1, *old_grid, -1).permute(0, 3, 1, 2)                # (1, D, gh, gw)
-    grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False).to(pos_embed.dtype)
-    return torch.cat([pos_embed[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)         # (1, 1+h*w, D)
-
-
-def rel_pos_index(h, w):
-    """BEiT relative-position index over 1+h*w tokens; the last 3 table rows are cls->tok, tok->cls, cls->cls."""
-    coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")).flatten(1)  # (2, N)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)                     # (N, N, 2)
-    num = (2 * h - 1) * (2 * w - 1)
-    idx = torch.full((h * w + 1, h * w + 1), num + 2, dtype=torch.long)                  # (1+N, 1+N)
-    idx[1:, 1:] = (rel[..., 0] + h - 1) * (2 * w - 1) + rel[..., 1] + w - 1
-    idx[0, 1:], idx[1:, 0] = num, num + 1
-    return idx
-
-
-class RelPosBias(nn.Module):
-    """Learned bias per head for each relative offset (BEiT), gathered into a (heads, 1+N, 1+N) attention bias."""
-    def __init__(self, grid, num_heads):
-        super().__init__()
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * grid[0] - 1) * (2 * grid[1] - 1) + 3, num_heads))
-        self.register_buffer("relative_position_index", rel_pos_index(*grid), persistent=False)
-
-    def forward(self):
-        return self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)  # (heads, 1+N, 1+N)
-
-
-class Attention(nn.Module):
-    def __init__(self, dim, num_heads, qkv_bias=True, grid=None):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        if grid:   # a table of its own (BEiT fine-tuning layout, timm key attn.relative_position_bias_table)
-            self.relative_position_bias_table = RelPosBias(grid, num_heads).relative_position_bias_table
-            self.register_buffer("relative_position_index", rel_pos_index(*grid), persistent=False)
-
-    def forward(self, x, bias=None):                                   # (B, T, D), bias: (heads, T, T) or None
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
-        if hasattr(self, "relative_position_index"):
-            bias = RelPosBias.forward(self)
-        if bias is not None:
-            bias = bias.to(q.dtype).unsqueeze(0)                       # (1, nh, T, T) broadcast over the batch
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)    # (B, nh, T, hd)
-        return self.proj(x.transpose(1, 2).reshape(B, T, D))
-
-
-class LayerScale(nn.Module):
-    def __init__(self, dim, init_values):
-        super().__init__()
-        self.gamma = nn.Parameter(init_values * torch.ones(dim))
-
-    def forward(self, x):
-        return x * self.gamma
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-def drop_path(x, p, training):
-    """Stochastic depth: drop the whole residual branch per sample with probability p."""
-    if p == 0.0 or not training:
-        return x
-    keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - p)
-    return x * keep / (1 - p)
-
-
-class Block(nn.Module):
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, init_values=None, drop_path=0.0, grid=None):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias, grid)
-        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.drop_path = drop_path
-
-    def forward(self, x, bias=None):                                   # (B, T, D) -> (B, T, D)
-        x = x + drop_path(self.ls1(self.attn(self.norm1(x), bias)), self.drop_path, self.training)
-        return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training)
-
-
-class VisionTransformer(nn.Module):
-    """ViT encoder with timm parameter names. pos_embed: "learned" | "sincos" (fixed buffer) | "none".
-    rel_pos: "none" | "shared" (one BEiT table for all blocks, pre-training) | "block" (one per block, fine-tuning).
-    forward(images) -> (B, 1+N, D) normed tokens, cls first. Other image sizes interpolate the absolute positions."""
-    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
-                 qkv_bias=True, pos_embed="learned", rel_pos="none", init_values=None, drop_path=0.0, in_chans=3):
-        super().__init__()
-        self.patch_size, self.embed_dim, self.grid = patch_size, embed_dim, (img_size // patch_size,) * 2
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        if pos_embed == "learned":
-            self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], embed_dim))
-            nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        else:   # "sincos": fixed, zero for cls (MAE); a buffer so timm still finds it in the state dict
-            self.register_buffer("pos_embed", F.pad(sincos_pos_embed(embed_dim, *self.grid), (0, 0, 1, 0))[None]
-                                 if pos_embed == "sincos" else None)
-        self.rel_pos_bias = RelPosBias(self.grid, num_heads) if rel_pos == "shared" else None
-        dpr = [drop_path * i / max(depth - 1, 1) for i in range(depth)]   # linearly increasing stochastic depth
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, init_values, dpr[i],
-                                           self.grid if rel_pos == "block" else None) for i in range(depth)])
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.apply(self._init_weights)
-        nn.init.xavier_uniform_(self.patch_embed.proj.weight.view(embed_dim, -1))  # MAE: patch embed as a linear
-        nn.init.normal_(self.cls_token, std=0.02)
-
-    @staticmethod
-    def _init_weights(m):   # MAE-style init: xavier-uniform linears, zero biases, unit LayerNorms
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
-
-    def patchify(self, images):                                        # (B, C, H, W) -> (B, N, D)
-        return self.patch_embed.proj(images).flatten(2).transpose(1, 2)
-
-    def pos_embed_for(self, h, w):   # absolute positions for an h x w grid (B, 1+h*w, D)
-        return resize_pos_embed(self.pos_embed, self.grid, (h, w))
-
-    def forward_tokens(self, x, grid):
-        """x: (B, N, D) patch embeddings (possibly with mask tokens swapped in), grid = (h, w). -> (B, 1+N, D)"""
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed_for(*grid)
-        bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None  # (heads, 1+N, 1+N)
-        for blk in self.blocks:
-            x = blk(x, bias)
-        return self.norm(x)
-
-    def forward(self, images):                                         # (B, C, H, W) -> (B, 1+N, D)
-        return self.forward_tokens(self.patchify(images), (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size))
-
-
-def to_timm_layout(sd):
-    """Our ViT keys -> timm's. vit_* keys already match; with a BEiT relative bias, the beit_* layout: the shared
-    table copied into every block (as BEiT fine-tuning does), qkv.bias split into q_bias/v_bias (the k bias is
-    dropped: softmax ignores a per-query constant), ls{1,2}.gamma -> gamma_{1,2}."""
-    sd, table = dict(sd), sd.get("rel_pos_bias.relative_position_bias_table")
-    if table is None and not any(k.endswith("attn.relative_position_bias_table") for k in sd):
-        return sd
-    sd.pop("rel_pos_bias.relative_position_bias_table", None)
-    for k in [k for k in sd if k.startswith("blocks.")]:
-        b, v = k[:k.index(".", 7) + 1], sd.pop(k)   # b = "blocks.{i}."
-        if k.endswith("attn.qkv.bias"):
-            sd[b + "attn.q_bias"], _, sd[b + "attn.v_bias"] = v.chunk(3)
-        else:
-            sd[re.sub(r"ls(\d)\.gamma$", r"gamma_\1", k)] = v
-        if table is not None and k.endswith("norm1.weight"):
-            sd[b + "attn.relative_position_bias_table"] = table.clone()
-    return sd
-# <<< shared:vit
-
-# ----------------------------------------------------------------------------- 5. Method modules: BEiT init, projector
-
-
-def beit_init(vit, *modules):
-    """The official (BEiT) init, replacing the shared ViT's MAE init: Linear / patch-conv weights ~ N(0, 0.02)
-    truncated at +-1 std (BEiT's trunc_normal_ wrapper), zero biases; attn.proj and mlp.fc2 of block l divided by
-    sqrt(2 l) ("fix_init_weight"). `modules` (the projector) get the same Linear init, as in the official model."""
-    for m in itertools.chain(vit.modules(), *(mod.modules() for mod in modules)):
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            nn.init.trunc_normal_(m.weight, std=0.02, a=-0.02, b=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    with torch.no_grad():
-        for layer, blk in enumerate(vit.blocks, start=1):
-            blk.attn.proj.weight.div_(math.sqrt(2.0 * layer)), blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
-    nn.init.trunc_normal_(vit.cls_token, std=0.02, a=-0.02, b=0.02)
-
-
-def projector(dim, hidden, out):
-    """3-layer MLP on every token (official; MoCo v3 / SimCLR style): two Linear-BN-ReLU, then Linear-BN without affine."""
-    return nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                         nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                         nn.Linear(hidden, out, bias=False), nn.BatchNorm1d(out, affine=False))
-
-
-def project(mlp, tokens):   # (B, T, D) -> (B, T, d): BatchNorm statistics over all B*T tokens, cls included (official)
-    B, T_, _ = tokens.shape
-    return mlp(tokens.flatten(0, 1)).view(B, T_, -1)
-
-# ----------------------------------------------------------------------------- 6. Masking (batched, on the device)
+# ----------------------------------------------------------------------------- masking (batched, on the device)
 
 
 def random_mps_mask(B, grid, cell, ratio, device, generator=None):
-    """`random_mps32` (SimMIM-style, README): hide ceil(ratio * C) of the C coarse cells of cell x cell patches
-    (32-pixel "mask patches" = 2x2 patches of 16 at 224: 37 of 49 cells, 148 of 196 patches), each image its own draw.
+    """`random_mps32` (SimMIM-style, official README): hide ceil(ratio * C) of the C cells of cell x cell patches
+    (at 224 px: 37 of 49 cells of 2x2 patches = 148 of 196 patches), each image its own draw.
     Returns (B, h*w) bool, True = masked; exactly ceil(ratio * C) * cell^2 True per row."""
     gh, gw = grid[0] // cell, grid[1] // cell
     n_hide = math.ceil(ratio * gh * gw - 1e-9)                                       # official: np.ceil
@@ -334,10 +134,9 @@ def random_mps_mask(B, grid, cell, ratio, device, generator=None):
 
 
 def block_mask(B, grid, n_mask, min_block, device, generator=None, rounds=0, min_aspect=0.3):
-    """BEiT blockwise masking, batched: in each round every image proposes one rectangle of area U(min_block,
-    remaining) and aspect ratio log-U(0.3, 1/0.3) (BEiT's sampler) and records which patches it newly covers. Then
-    exactly n_mask patches are kept: earlier blocks first (the last block is cut in raster order, where BEiT would
-    reject it and retry), and random patches fill the rare row the rounds did not cover.
+    """BEiT blockwise masking, batched: each round every image proposes one rectangle of area U(min_block, remaining)
+    and aspect ratio log-U(0.3, 1/0.3) and records the patches it newly covers. Exactly n_mask patches are kept:
+    earlier blocks first (the last block cut in raster order), random patches fill a row the rounds left short.
     Returns (B, h*w) bool, True = masked; exactly n_mask True per row."""
     h, w = grid
     N, rounds = h * w, rounds or 4 * math.ceil(n_mask / min_block)
@@ -360,27 +159,28 @@ def block_mask(B, grid, n_mask, min_block, device, generator=None, rounds=0, min
     return torch.zeros(B, N, dtype=torch.bool, device=device).scatter_(1, keep, True)
 
 
-def block_sizes(cfg, N):   # (patches hidden, smallest block): official 75 and 16 at 14x14, scaled with the grid
+def block_sizes(cfg, N):
+    """(patches hidden, smallest block): the official 75 and 16 at 14x14, scaled with the grid."""
     return cfg.mask_patches or max(1, round(N * 75 / 196)), cfg.min_block or max(1, round(N * 16 / 196))
 
 
-def sample_mask(cfg, B, device, generator=None):   # (B, N) bool, True = masked, for cfg's patch grid
+def sample_mask(cfg, B, device, generator=None):
+    """(B, N) bool, True = masked, for cfg's patch grid and mask type."""
     g = cfg.img_size // cfg.patch_size
     if cfg.mask_type == "block":
         return block_mask(B, (g, g), *block_sizes(cfg, g * g), device=device, generator=generator)
     return random_mps_mask(B, (g, g), cfg.mask_patch // cfg.patch_size, cfg.mask_ratio, device, generator)
 
-# ----------------------------------------------------------------------------- 7. Loss and teacher update
+# ----------------------------------------------------------------------------- loss
 
 
 def conmim_loss(q, k, mask, tau=0.1, cross_image=False):
-    """Denoising patch-level InfoNCE, the ConMIM objective (Sec. 3.2, Eq. 3; numbering as recalled, see README):
+    """Denoising patch-level InfoNCE, the ConMIM objective:
         L = - 1/|M| sum_{j in M} log  exp(<q_j, sg[k_j]> / tau) / sum_{i=1..K} exp(<q_j, sg[k_i]> / tau)
-    q = f(x_hat): student features of the masked view; k = f_xi(x): momentum-teacher features of the full view;
-    both (B, N, d), L2-normalised here. K = N: each image is its own dictionary; the positive is the key at the
-    query's own position, the negatives the image's other patches. cross_image=True (not in the paper): the keys are
-    all B*N patches of the (local) batch. mask: (B, N) bool, True = masked; the mean runs over all masked positions.
-    Returns (loss, look-up top-1 accuracy at masked positions, detached)."""
+    q: student features of the masked view, k: momentum-teacher features of the full view, both (B, N, d),
+    L2-normalised here. K = N: each image is its own dictionary; the positive is the key at the query's own
+    position. cross_image=True (not in the paper): the keys are all B*N patches of the local batch.
+    mask: (B, N) bool, True = masked. Returns (loss, look-up top-1 accuracy at masked positions, detached)."""
     B, N, _ = q.shape
     q, k = F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1)
     if cross_image:
@@ -395,38 +195,79 @@ def conmim_loss(q, k, mask, tau=0.1, cross_image=False):
     acc = ((logits.argmax(-1) == target).float() * w).sum() / n
     return (ce * w).sum() / n, acc.detach()
 
+# ----------------------------------------------------------------------------- projector, teacher, EMA
+
+
+def projector(dim, hidden, out):
+    """3-layer MLP on every token (official; SimCLR style): two Linear-BN-ReLU, then Linear-BN without affine."""
+    return nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, out, bias=False), nn.BatchNorm1d(out, affine=False))
+
+
+def project(mlp, tokens, track=False):
+    """(B, T, D) -> (B, T, d); BatchNorm statistics over all B*T tokens, cls included (official). track=True (teacher
+    with --teacher-bn running, BN in eval mode): each BN first updates its own running statistics from these tokens,
+    then normalises with them."""
+    B, n_tokens, _ = tokens.shape
+    x = tokens.flatten(0, 1)                                                         # (B*T, D)
+    for layer in mlp:
+        if track and isinstance(layer, nn.BatchNorm1d) and not layer.training:
+            F.batch_norm(x.detach(), layer.running_mean, layer.running_var, training=True, momentum=layer.momentum)
+        x = layer(x)
+    return x.view(B, n_tokens, -1)
+
 
 @torch.no_grad()
 def ema_update(teachers, students, m):
-    """Asymmetric model progress rates (Sec. 3.3): xi <- m * xi + (1 - m) * theta for every parameter, projector
-    included, after each optimizer step. BatchNorm running statistics are copied from the student (the official
-    code leaves the teacher's own; they only matter with teacher_bn="running")."""
+    """Momentum teacher: xi <- m * xi + (1 - m) * theta for every parameter, projector included, after each
+    optimizer step. Parameters only: BatchNorm buffers stay the teacher's own (official engine_for_pretraining.py:96-106
+    @4263955)."""
     t = [p for mod in teachers for p in mod.parameters()]
     s = [p for mod in students for p in mod.parameters()]
     torch._foreach_mul_(t, m)
     torch._foreach_add_(t, s, alpha=1.0 - m)
-    for bt, bs in zip((b for mod in teachers for b in mod.buffers()), (b for mod in students for b in mod.buffers())):
-        bt.copy_(bs)
 
-# ----------------------------------------------------------------------------- 8. Model
+
+def official_skip_decay(name, p):
+    """No weight decay on 1-D params and biases, and on cls_token / pos_embed only: the mask token and the
+    relative-position table are decayed (TencentARC/ConMIM/optim_factory.py:60, modeling_pretrain.py:124@4263955)."""
+    return p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in ("cls_token", "pos_embed")
+
+
+def beit_init(vit, *modules):
+    """The official (BEiT) init: Linear / patch-conv weights ~ N(0, 0.02) truncated at +-1 std, zero biases;
+    attn.proj and mlp.fc2 of block l divided by sqrt(2 l). `modules` (the projector) get the same Linear init."""
+    for m in itertools.chain(vit.modules(), *(mod.modules() for mod in modules)):
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=0.02, a=-0.02, b=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    with torch.no_grad():
+        for layer, blk in enumerate(vit.blocks, start=1):
+            blk.attn.proj.weight.div_(math.sqrt(2.0 * layer)), blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
+    nn.init.trunc_normal_(vit.cls_token, std=0.02, a=-0.02, b=0.02)
+
+# ----------------------------------------------------------------------------- model
 
 
 class ConMIM(nn.Module):
-    """Student ViT (BEiT-style: shared relative position bias, no absolute positions, layer scale) + mask token +
-    projector, and a momentum teacher copy of encoder + projector (no mask token, no gradients).
-    forward(weak, strong, mask) -> (loss, logs); mask: (B, N) bool, True = masked."""
+    """Student ViT + mask token + projector, and a momentum teacher copy of encoder + projector (no mask token, no
+    gradients). forward(weak, strong, mask) -> (loss, logs); mask: (B, N) bool, True = masked."""
+
     def __init__(self, cfg):
         super().__init__()
         D, depth, heads = VIT_SIZES[cfg.arch]
         self.vit_args = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=D, depth=cfg.depth or depth,
                              num_heads=heads, mlp_ratio=4.0, qkv_bias=True, pos_embed="none", rel_pos="shared",
                              init_values=cfg.init_values or None)               # what finetune.py rebuilds
-        self.student = VisionTransformer(**self.vit_args, drop_path=cfg.drop_path)
+        vit_kw = {k: v for k, v in self.vit_args.items() if k not in ("pos_embed", "rel_pos")}
+        self.student = VisionTransformer(**vit_kw, drop_path=cfg.drop_path)
         self.projector = projector(D, cfg.proj_hidden, cfg.proj_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
         beit_init(self.student, self.projector)
-        if cfg.rel_pos_init:   # not official: a zero table makes every mask token identical through the encoder at init
+        if cfg.rel_pos_init:   # not official: a zero table makes every mask token identical through the encoder
             nn.init.trunc_normal_(self.student.rel_pos_bias.relative_position_bias_table, std=cfg.rel_pos_init)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)            # starts as the student (official)
         self.teacher_projector = copy.deepcopy(self.projector).requires_grad_(False)
@@ -445,7 +286,7 @@ class ConMIM(nn.Module):
         x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)          # mask token before the encoder
         q = project(self.projector, self.student.forward_tokens(x, grid))[:, 1:]     # (B, N, d): cls dropped after
         with torch.no_grad():                                                        # sg[.]: no gradient to the keys
-            k = project(self.teacher_projector, self.teacher(strong))[:, 1:]         # (B, N, d)
+            k = project(self.teacher_projector, self.teacher(strong), self.teacher_bn == "running")[:, 1:]
         return q, k
 
     def forward(self, weak, strong, mask):
@@ -455,30 +296,288 @@ class ConMIM(nn.Module):
     def ema_update(self, m):
         ema_update([self.teacher, self.teacher_projector], [self.student, self.projector], m)
 
-# ----------------------------------------------------------------------------- 9. Data
+# ----------------------------------------------------------------------------- data
 
 
-def pil_blur(img):   # official GaussianBlur: PIL radius ~ U(0.1, 2.0)
+def pil_blur(img):
+    """Official GaussianBlur: PIL radius ~ U(0.1, 2.0)."""
     return img.filter(ImageFilter.GaussianBlur(random.uniform(0.1, 2.0)))
 
 
 class TwoViews:
-    """Asymmetric image perturbations (Sec. 3.3; official transforms): ONE crop + flip shared by both views, so patch
-    i is the same region in both; the student's weak view is only normalised, the teacher's strong view adds colour
-    jitter, grayscale, blur and solarize. -> (weak, strong), each (3, S, S)."""
+    """Asymmetric image perturbations: ONE crop + flip shared by both views, so patch i is the same region in both;
+    the student's weak view is only normalised, the teacher's strong view adds colour jitter, grayscale, blur and
+    solarize (official transforms). -> (weak, strong), each (3, S, S)."""
+
     def __init__(self, img_size, crop_min_scale=0.08):
-        norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-        self.geometry = T.Compose([T.RandomHorizontalFlip(), T.RandomResizedCrop(
-            img_size, scale=(crop_min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC)])
-        self.weak = T.Compose(norm)
-        self.strong = T.Compose([T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(0.2),
-                                 T.RandomApply([T.Lambda(pil_blur)], p=0.1), T.RandomSolarize(128, p=0.2), *norm])
+        norm = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        self.geometry = transforms.Compose([transforms.RandomHorizontalFlip(), transforms.RandomResizedCrop(
+            img_size, scale=(crop_min_scale, 1.0), interpolation=transforms.InterpolationMode.BICUBIC)])
+        self.weak = transforms.Compose(norm)
+        self.strong = transforms.Compose([
+            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            transforms.RandomGrayscale(0.2), transforms.RandomApply([transforms.Lambda(pil_blur)], p=0.1),
+            transforms.RandomSolarize(128, p=0.2), *norm])
 
     def __call__(self, img):
         img = self.geometry(img)
         return self.weak(img), self.strong(img)
 
-# ----------------------------------------------------------------------------- 10. Visualisation, input checks, checkpoint
+# ----------------------------------------------------------------------------- training loop and main
+
+
+def save(cfg, raw_model, opt, scaler, epoch, step, settings):
+    """One file: everything to resume, plus both encoders in timm beit_* layout (finetune.py loads the teacher)."""
+    encoders = {name: to_timm_layout(getattr(raw_model, name).state_dict()) for name in ("teacher", "student")}
+    save_checkpoint({"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                     "step": step, "epoch": epoch, "rng": rng_state(), "config": dataclasses.asdict(cfg),
+                     "settings": settings, "encoders": encoders, "encoder_args": {"arch": "vit", **raw_model.vit_args},
+                     "default_encoder": "teacher"}, os.path.join(cfg.out, "checkpoint.pth"))
+
+
+def optimizer_step(raw_model, opt, scaler, clip_grad, momentum):
+    """Clip, step, scaler update, then teacher <- EMA(student); the EMA is skipped when fp16's GradScaler skipped the
+    step (inf/NaN gradients: its scale drops). The scale is read on the host on the fp16 path only."""
+    if clip_grad > 0:
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(raw_model.parameters(), clip_grad)
+    scale = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(opt)
+    scaler.update()
+    if scale is None or scaler.get_scale() >= scale:
+        raw_model.ema_update(momentum)
+    opt.zero_grad(set_to_none=True)
+
+
+def recipe_line(cfg, world, accum, steps_per_epoch):
+    """The one line that says which recipe this run is."""
+    g = cfg.img_size // cfg.patch_size
+    if cfg.mask_type == "block":
+        n_mask, min_block = block_sizes(cfg, g * g)
+        masking = f"block ({n_mask} of {g * g} patches, blocks >= {min_block})"
+    else:
+        cells, cell = (cfg.img_size // cfg.mask_patch) ** 2, (cfg.mask_patch // cfg.patch_size) ** 2
+        hide = math.ceil(cfg.mask_ratio * cells - 1e-9)
+        masking = f"random_mps32 ({hide} of {cells} {cfg.mask_patch}px cells = {hide * cell} of {g * g} patches)"
+    precision = cfg.amp if cfg.device.startswith("cuda") and cfg.amp != "off" else "fp32"
+    return (f"recipe: {cfg.preset or 'defaults'} | global batch {cfg.batch_size * world * accum} = {cfg.batch_size} "
+            f"per GPU x {world} GPUs x {accum} accum | peak lr {cfg.lr:.2e} (absolute, not scaled with the batch: "
+            f"official) | {steps_per_epoch} steps/epoch x {cfg.epochs} epochs | EMA {cfg.ema} -> 1 cosine per step | "
+            f"{masking} | {precision}" + (f" | paper row: {cfg.paper_row}" if cfg.paper_row else ""))
+
+
+def main(cfg):
+    validate(cfg)
+    rank, world, device = setup_dist(cfg.device)
+    seed_all(cfg.seed + rank)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if device.type == "cuda" else None
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    accum = accum_steps(cfg.global_batch, cfg.batch_size, world, cfg.accum_iter)
+    global_batch = cfg.batch_size * world * accum
+    prepare_out(cfg.out, cfg, __file__)
+
+    dataset = build_dataset(cfg.data, "train", TwoViews(cfg.img_size, cfg.crop_min_scale), cfg.img_size)
+    loader = build_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device)
+    steps_per_epoch = min(len(loader) // accum, cfg.steps_per_epoch or len(loader))   # optimizer steps
+    if steps_per_epoch < 1:
+        fail(f"{len(loader)} micro-batches per epoch: fewer than the {accum} accumulated per optimizer step")
+    total_steps = cfg.epochs * steps_per_epoch
+
+    raw_model = ConMIM(cfg).to(device)                 # saves / EMA / logs from this one
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    print0(recipe_line(cfg, world, accum, steps_per_epoch))
+    batch_warning(global_batch, cfg.paper_batch, steps_per_epoch)
+    opt = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay, skip_decay=official_skip_decay), lr=cfg.lr,
+                            betas=(0.9, 0.98), eps=1e-8, fused=device.type == "cuda")   # teacher: no grad, not here
+    lr_sched = cosine_schedule(cfg.lr, cfg.min_lr, total_steps, cfg.warmup_epochs * steps_per_epoch)
+    ema_sched = cosine_schedule(cfg.ema, 1.0, total_steps)   # momentum 0.996 -> 1, per optimizer step (official)
+    settings = {**run_settings(cfg, __file__, ("arch", "depth", "img_size", "patch_size", "epochs", "mask_type")),
+                "global_batch": global_batch}
+    start = resume(cfg.out, raw_model, opt, scaler, rank, cfg.seed, settings=settings)   # optimizer steps done
+    progress = Progress(total_steps, global_batch, cfg.log_every)
+    finite, vals = torch.ones((), dtype=torch.bool, device=device), {}
+
+    for epoch in range(start // steps_per_epoch, cfg.epochs):
+        loader.sampler.set_epoch(epoch)
+        first = (start % steps_per_epoch) * accum if epoch == start // steps_per_epoch else 0   # in micro-batches
+        loader.sampler.start_step = first
+        raw_model.train()
+        micro = itertools.islice(loader, steps_per_epoch * accum - first)   # islice: no extra batch fetched
+        for i, ((weak, strong), _) in enumerate(micro, start=first):
+            it, final = epoch * steps_per_epoch + i // accum, (i + 1) % accum == 0   # optimizer step index
+            if i % accum == 0:
+                for g in opt.param_groups:
+                    g["lr"] = lr_sched[it]
+                sums = None
+            weak, strong = weak.to(device, non_blocking=True), strong.to(device, non_blocking=True)
+            mask = sample_mask(cfg, weak.shape[0], device)                    # (B, N) bool on the device
+            with model.no_sync() if world > 1 and not final else contextlib.nullcontext():   # all-reduce on the last
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss, logs = model(weak, strong, mask)                    # student, teacher, InfoNCE
+                scaler.scale(loss / accum).backward()
+            finite &= torch.isfinite(loss)
+            step_logs = {"loss": loss.detach() / accum, **{k: v / accum for k, v in logs.items()}}
+            sums = step_logs if sums is None else {k: sums[k] + v for k, v in step_logs.items()}
+            if not final:
+                continue
+            optimizer_step(raw_model, opt, scaler, cfg.clip_grad, ema_sched[it])
+            logged = progress.step(it, epoch, sums, lr_sched[it])            # syncs only on log steps
+            vals = logged or vals
+            if (logged is not None or it + 1 == (epoch + 1) * steps_per_epoch) and not all_finite(finite):
+                fail(f"loss became NaN/inf by step {it + 1}; stopped, last good checkpoint kept in {cfg.out}")
+            if cfg.stop_after and it + 1 - start >= cfg.stop_after:
+                break
+        if rank == 0:
+            save(cfg, raw_model, opt, scaler, epoch, it + 1, settings)        # atomic, every epoch (and on stop)
+        log_json(cfg.out, {"epoch": epoch, "step": it + 1, **vals})
+        if cfg.stop_after and it + 1 - start >= cfg.stop_after and it + 1 < total_steps:
+            print0(f"stopping after {cfg.stop_after} steps; run the same command again to resume")
+            return
+        if cfg.viz_every and (epoch + 1) % cfg.viz_every == 0 and rank == 0:   # own RNG: training unaffected
+            n, gen = min(8, weak.shape[0]), torch.Generator(device).manual_seed(epoch)
+            visualize(raw_model, weak[:n], strong[:n], sample_mask(cfg, n, device, gen),
+                      os.path.join(cfg.out, f"viz_epoch{epoch}.png"))
+        if dataset.skipped.item():
+            print0(f"skipped {dataset.skipped.item()} unreadable images so far")
+
+# ----------------------------------------------------------------------------- appendix: BEiT-style ViT
+
+
+VIT_SIZES = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6),   # name: (width D, depth, heads)
+             "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16)}
+
+
+def rel_pos_index(h, w):
+    """BEiT relative-position index over 1+h*w tokens; the last 3 table rows are cls->tok, tok->cls, cls->cls."""
+    coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")).flatten(1)  # (2, N)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)                     # (N, N, 2)
+    num = (2 * h - 1) * (2 * w - 1)
+    idx = torch.full((h * w + 1, h * w + 1), num + 2, dtype=torch.long)                  # (1+N, 1+N)
+    idx[1:, 1:] = (rel[..., 0] + h - 1) * (2 * w - 1) + rel[..., 1] + w - 1
+    idx[0, 1:], idx[1:, 0] = num, num + 1
+    return idx
+
+
+class RelPosBias(nn.Module):
+    """One learned bias per head and relative offset (BEiT), shared by all blocks -> (heads, 1+N, 1+N)."""
+
+    def __init__(self, grid, num_heads):
+        super().__init__()
+        rows = (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(rows, num_heads))
+        self.register_buffer("relative_position_index", rel_pos_index(*grid), persistent=False)
+
+    def forward(self):
+        return self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)
+
+
+class Attention(nn.Module):
+
+    def __init__(self, dim, num_heads, qkv_bias=True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, bias):                                        # x: (B, T, D), bias: (heads, T, T)
+        B, n_tok, D = x.shape
+        qkv = self.qkv(x).view(B, n_tok, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                           # 3 x (B, nh, T, hd)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype).unsqueeze(0))   # (B, nh, T, hd)
+        return self.proj(x.transpose(1, 2).reshape(B, n_tok, D))
+
+
+class LayerScale(nn.Module):
+
+    def __init__(self, dim, init_values):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Mlp(nn.Module):
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+
+    def __init__(self, dim, num_heads, mlp_ratio, qkv_bias, init_values, drop_path):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path = drop_path
+
+    def forward(self, x, bias):                                        # (B, T, D) -> (B, T, D)
+        x = x + stochastic_depth(self.ls1(self.attn(self.norm1(x), bias)), self.drop_path, "row", self.training)
+        return x + stochastic_depth(self.ls2(self.mlp(self.norm2(x))), self.drop_path, "row", self.training)
+
+
+class VisionTransformer(nn.Module):
+    """The ViT ConMIM pre-trains (official modeling_pretrain.py): no absolute positions, one relative-position bias
+    shared by all blocks, optional layer scale, qkv bias. Parameter names follow timm's vit_*; to_timm_layout gives
+    timm's beit_*. forward(images) -> (B, 1+N, D) normed tokens, cls first."""
+
+    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+                 qkv_bias=True, init_values=None, drop_path=0.0, in_chans=3):
+        super().__init__()
+        self.patch_size, self.embed_dim, self.grid = patch_size, embed_dim, (img_size // patch_size,) * 2
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.rel_pos_bias = RelPosBias(self.grid, num_heads)
+        dpr = [drop_path * i / max(depth - 1, 1) for i in range(depth)]   # linearly increasing stochastic depth
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, init_values, dpr[i])
+                                     for i in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)   # weights: beit_init, called by ConMIM
+
+    def patchify(self, images):                                        # (B, C, H, W) -> (B, N, D)
+        return self.patch_embed.proj(images).flatten(2).transpose(1, 2)
+
+    def forward_tokens(self, x, grid):
+        """x: (B, N, D) patch embeddings (mask tokens swapped in), grid = (h, w) of the training size -> (B, 1+N, D)."""
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
+        bias = self.rel_pos_bias()                                         # (heads, 1+N, 1+N)
+        for blk in self.blocks:
+            x = blk(x, bias)
+        return self.norm(x)
+
+    def forward(self, images):                                         # (B, C, H, W) -> (B, 1+N, D)
+        grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+        return self.forward_tokens(self.patchify(images), grid)
+
+
+def to_timm_layout(sd):
+    """Our encoder keys -> timm's beit_* layout: the shared table copied into every block (as BEiT fine-tuning does),
+    qkv.bias split into q_bias/v_bias (the k bias is dropped: softmax ignores a per-query constant),
+    ls{1,2}.gamma -> gamma_{1,2}."""
+    sd = dict(sd)
+    table = sd.pop("rel_pos_bias.relative_position_bias_table")
+    for k in [k for k in sd if k.startswith("blocks.")]:
+        b, v = k[:k.index(".", 7) + 1], sd.pop(k)   # b = "blocks.{i}."
+        if k.endswith("attn.qkv.bias"):
+            sd[b + "attn.q_bias"], _, sd[b + "attn.v_bias"] = v.chunk(3)
+        else:
+            sd[re.sub(r"ls(\d)\.gamma$", r"gamma_\1", k)] = v
+        if k.endswith("norm1.weight"):
+            sd[b + "attn.relative_position_bias_table"] = table.clone()
+    return sd
+
+# ----------------------------------------------------------------------------- appendix: visualisation, input checks
 
 
 @torch.no_grad()
@@ -503,8 +602,9 @@ def visualize(raw_model, weak, strong, mask, path):
 
 def validate(cfg):
     """Every bad flag -> one clear error before any data or model is built."""
-    if cfg.arch not in VIT_SIZES:
-        fail(f"--arch {cfg.arch}: choose from {', '.join(VIT_SIZES)}")
+    for name, allowed in Config.CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            fail(f"--{name.replace('_', '-')} {getattr(cfg, name)}: choose from {', '.join(allowed)}")
     if cfg.patch_size < 1 or cfg.img_size < 1 or cfg.img_size % cfg.patch_size:
         fail(f"--img-size {cfg.img_size} must be a positive multiple of --patch-size {cfg.patch_size}")
     g = cfg.img_size // cfg.patch_size
@@ -518,111 +618,27 @@ def validate(cfg):
                  f"that divides --img-size {cfg.img_size}")
         cells = (cfg.img_size // cfg.mask_patch) ** 2
         if math.ceil(cfg.mask_ratio * cells - 1e-9) >= cells:
-            fail(f"--mask-ratio {cfg.mask_ratio} hides all {cells} mask patches; lower it or use a smaller --mask-patch")
-    elif cfg.mask_type == "block":
+            fail(f"--mask-ratio {cfg.mask_ratio} hides all {cells} mask patches; "
+                 "lower it or use a smaller --mask-patch")
+    else:
         n_mask, min_block = block_sizes(cfg, g * g)
         if not 0 < n_mask < g * g or not 0 < min_block <= n_mask:
             fail(f"block masking: need 0 < --min-block ({min_block}) <= --mask-patches ({n_mask}) < {g * g} patches")
-    else:
-        fail(f"--mask-type {cfg.mask_type}: choose random_mps32 or block")
     for ok, msg in [(cfg.tau > 0, f"--tau {cfg.tau} must be > 0"),
                     (cfg.rel_pos_init >= 0, f"--rel-pos-init {cfg.rel_pos_init} must be >= 0"),
                     (0 < cfg.crop_min_scale <= 1, f"--crop-min-scale {cfg.crop_min_scale} must be in (0, 1]"),
-                    (cfg.negatives in ("image", "batch"), f"--negatives {cfg.negatives}: choose image or batch"),
-                    (cfg.teacher_bn in ("batch", "running"), f"--teacher-bn {cfg.teacher_bn}: choose batch or running"),
-                    (cfg.amp in ("bf16", "fp16", "off"), f"--amp {cfg.amp}: choose bf16, fp16 or off"),
                     (0 <= cfg.ema <= 1, f"--ema {cfg.ema} must be in [0, 1]"),
                     (0 <= cfg.drop_path < 1, f"--drop-path {cfg.drop_path} must be in [0, 1)"),
                     (cfg.init_values >= 0 and cfg.depth >= 0, "--init-values and --depth must be >= 0"),
                     (cfg.proj_hidden > 0 and cfg.proj_dim > 0, "--proj-hidden and --proj-dim must be > 0"),
                     (cfg.batch_size > 0 and cfg.epochs > 0, "--batch-size and --epochs must be > 0"),
+                    (cfg.accum_iter >= 1, f"--accum-iter {cfg.accum_iter} must be >= 1"),
+                    (min(cfg.global_batch, cfg.paper_batch) >= 0, "--global-batch and --paper-batch must be >= 0"),
                     (cfg.lr > 0 and cfg.min_lr >= 0, "--lr must be > 0 and --min-lr >= 0"),
                     (min(cfg.warmup_epochs, cfg.weight_decay, cfg.clip_grad, cfg.steps_per_epoch, cfg.stop_after,
                          cfg.workers, cfg.viz_every) >= 0 and cfg.log_every > 0, "negative count or --log-every 0")]:
         if not ok:
             fail(msg)
-
-
-def save(cfg, raw_model, opt, scaler, epoch, step):
-    """One file: everything to resume, plus both encoders in timm layout (finetune.py loads the teacher by default)."""
-    encoders = {name: to_timm_layout(getattr(raw_model, name).state_dict()) for name in ("teacher", "student")}
-    save_checkpoint({"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                     "step": step, "epoch": epoch, "rng": rng_state(), "config": dataclasses.asdict(cfg),
-                     "encoders": encoders, "encoder_args": {"arch": "vit", **raw_model.vit_args},
-                     "default_encoder": "teacher"}, os.path.join(cfg.out, "checkpoint.pth"))
-
-# ----------------------------------------------------------------------------- 11. main
-
-
-def main(cfg):
-    validate(cfg)
-    rank, world, device = setup_dist(cfg.device)
-    seed_all(cfg.seed + rank)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if device.type == "cuda" else None
-    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    prepare_out(cfg.out, cfg, __file__)
-
-    dataset = build_dataset(cfg.data, "train", TwoViews(cfg.img_size, cfg.crop_min_scale), cfg.img_size)   # METHOD: two views
-    loader = build_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device)
-    steps_per_epoch = min(len(loader), cfg.steps_per_epoch or len(loader))
-    total_steps = cfg.epochs * steps_per_epoch
-
-    raw_model = ConMIM(cfg).to(device)                 # saves / EMA / logs from this one
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    print0(f"lr {cfg.lr:.2e}: absolute, not scaled with the global batch {cfg.batch_size * world} (official ConMIM); "
-           f"{total_steps} steps, {cfg.mask_type} masking")
-    opt = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8,
-                            fused=device.type == "cuda")   # teacher params have requires_grad=False: not in here
-    lr_sched = cosine_schedule(cfg.lr, cfg.min_lr, total_steps, cfg.warmup_epochs * steps_per_epoch)
-    ema_sched = cosine_schedule(cfg.ema, 1.0, total_steps)   # METHOD: momentum 0.996 -> 1, per step (official)
-    start = resume(cfg.out, raw_model, opt, scaler, rank, cfg.seed)
-    progress = Progress(total_steps, cfg.batch_size * world, cfg.log_every)
-    finite, vals = torch.ones((), dtype=torch.bool, device=device), {}
-
-    for epoch in range(start // steps_per_epoch, cfg.epochs):
-        loader.sampler.set_epoch(epoch)
-        loader.sampler.start_step = start % steps_per_epoch if epoch == start // steps_per_epoch else 0
-        raw_model.train()
-        first = loader.sampler.start_step   # islice, not `if i >= n: break`: that fetches (and augments) one batch too many
-        for i, ((weak, strong), _) in enumerate(itertools.islice(loader, steps_per_epoch - first), start=first):
-            it = epoch * steps_per_epoch + i
-            for g in opt.param_groups:
-                g["lr"] = lr_sched[it]
-            weak, strong = weak.to(device, non_blocking=True), strong.to(device, non_blocking=True)
-            mask = sample_mask(cfg, weak.shape[0], device)                    # METHOD: (B, N) bool on the device
-            with autocast():
-                loss, logs = model(weak, strong, mask)                        # METHOD: student, teacher, Eq. 3 loss
-            finite &= torch.isfinite(loss)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.clip_grad > 0:
-                scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
-            scaler.step(opt)
-            scaler.update()
-            raw_model.ema_update(ema_sched[it])                               # METHOD: teacher <- EMA(student)
-            logged = progress.step(it, epoch, {"loss": loss, **logs}, lr_sched[it])   # syncs only on log steps
-            vals = logged or vals
-            if (logged is not None or i + 1 == steps_per_epoch) and not finite.item():
-                fail(f"loss became NaN/inf by step {it + 1}; stopped, last good checkpoint kept in {cfg.out}")
-            if cfg.stop_after and it + 1 - start >= cfg.stop_after:
-                break
-        if rank == 0:
-            save(cfg, raw_model, opt, scaler, epoch, it + 1)                  # atomic, every epoch (and on stop)
-        log_json(cfg.out, {"epoch": epoch, "step": it + 1, **vals})
-        if cfg.stop_after and it + 1 - start >= cfg.stop_after and it + 1 < total_steps:
-            print0(f"stopping after {cfg.stop_after} steps; run the same command again to resume")
-            return
-        if cfg.viz_every and (epoch + 1) % cfg.viz_every == 0 and rank == 0:   # METHOD: own RNG, training unaffected
-            n, gen = min(8, weak.shape[0]), torch.Generator(device).manual_seed(epoch)
-            visualize(raw_model, weak[:n], strong[:n], sample_mask(cfg, n, device, gen),
-                      os.path.join(cfg.out, f"viz_epoch{epoch}.png"))
-        if dataset.skipped.item():
-            print0(f"skipped {dataset.skipped.item()} unreadable images so far")
 
 
 if __name__ == "__main__":

@@ -17,11 +17,11 @@ from PIL import Image
 from common import parse_config
 from conftest import ROOT
 from conmim import (Config, ConMIM, TwoViews, block_mask, conmim_loss, ema_update, main, param_groups,
-                    random_mps_mask, sample_mask)
+                    official_skip_decay, optimizer_step, random_mps_mask, sample_mask, to_timm_layout)
 
 
 def slow_loss(q, k, mask, tau, cross_image):
-    """Eq. 3 term by term: -log exp(<q_j, k_j>/tau) / sum_i exp(<q_j, k_i>/tau), averaged over masked j (float64)."""
+    """The ConMIM loss term by term: -log exp(<q_j, k_j>/tau) / sum_i exp(<q_j, k_i>/tau), mean over masked j."""
     q, k = q.double(), k.double()
     q, k = q / q.norm(dim=-1, keepdim=True), k / k.norm(dim=-1, keepdim=True)
     B, N, _ = q.shape
@@ -79,7 +79,8 @@ def test_block_mask_exact_counts_and_blocks(grid, n_mask, min_block):
         nb = F.conv2d(v, torch.tensor([[[[0.0, 1, 0], [1, 0, 1], [0, 1, 0]]]]))
         assert ((nb.flatten(1) > 0) & m).sum() > 0.95 * m.sum()
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    assert torch.equal(block_mask(4, grid, n_mask, min_block, "cpu", g1), block_mask(4, grid, n_mask, min_block, "cpu", g2))
+    a, b = block_mask(4, grid, n_mask, min_block, "cpu", g1), block_mask(4, grid, n_mask, min_block, "cpu", g2)
+    assert torch.equal(a, b)
 
 
 def test_sample_mask_defaults_scale_with_grid():
@@ -89,15 +90,17 @@ def test_sample_mask_defaults_scale_with_grid():
     assert (sample_mask(tiny, 2, "cpu").sum(1) == round(64 * 75 / 196)).all()
 
 
-def test_ema_update_math():
+def test_ema_update_math_parameters_only():
     torch.manual_seed(0)
-    student, teacher = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    student = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    teacher = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
     student(torch.randn(8, 4))                                                       # non-trivial running stats
     t0, s0 = [p.clone() for p in teacher.parameters()], [p.clone() for p in student.parameters()]
+    tb0 = [b.clone() for b in teacher.buffers()]
     ema_update([teacher], [student], 0.9)
     for t, a, b in zip(teacher.parameters(), t0, s0):
         torch.testing.assert_close(t, 0.9 * a + 0.1 * b, rtol=0, atol=1e-7)
-    assert torch.equal(teacher[1].running_mean, student[1].running_mean)
+    assert all(torch.equal(b, b0) for b, b0 in zip(teacher.buffers(), tb0))         # BN buffers: the teacher's own
     ema_update([teacher], [student], 1.0)                                            # m = 1 (end of schedule): frozen
     torch.testing.assert_close(list(teacher.parameters())[0], 0.9 * t0[0] + 0.1 * s0[0], rtol=0, atol=1e-7)
 
@@ -109,6 +112,88 @@ def test_model_teacher_is_a_gradient_free_copy():
                    if any(p is q for q in g["params"]))
     assert torch.equal(model.teacher.blocks[0].attn.qkv.weight, model.student.blocks[0].attn.qkv.weight)
     assert "mask_token" not in model.teacher.state_dict() and model.mask_token.shape == (1, 1, 192)
+
+
+@pytest.mark.parametrize("teacher_bn", ["batch", "running"])
+def test_teacher_bn_statistics_are_its_own(teacher_bn):
+    """--teacher-bn running: the teacher's BN normalises with running statistics of the TEACHER's features (updated
+    by its own forward), never the student's; the EMA step leaves them alone. batch (official): batch statistics."""
+    torch.manual_seed(0)
+    model = ConMIM(parse_config(Config, ["--preset", "tiny", "--depth", "2", "--teacher-bn", teacher_bn])).train()
+    weak, strong = torch.randn(4, 3, 32, 32), 3 + 2 * torch.randn(4, 3, 32, 32)
+    mask = sample_mask(parse_config(Config, ["--preset", "tiny"]), 4, "cpu")
+    bn_t, bn_s = model.teacher_projector[1], model.projector[1]
+    model(weak, strong, mask)
+    model.ema_update(0.9)
+    assert not torch.equal(bn_t.running_mean, bn_s.running_mean)
+    if teacher_bn == "running":
+        h = model.teacher_projector[0](model.teacher(strong).flatten(0, 1))          # first BN's input
+        torch.testing.assert_close(bn_t.running_mean, 0.1 * h.mean(0), rtol=0, atol=1e-5)
+        _, k = model.features(weak, strong, mask)
+        k2 = model.teacher_projector(model.teacher(strong).flatten(0, 1)).view(4, 65, -1)[:, 1:]   # eval-mode BN
+        torch.testing.assert_close(k, k2, rtol=0, atol=1e-5)                         # normalised by running stats
+
+
+def test_weight_decay_groups_follow_the_official_code():
+    model = ConMIM(parse_config(Config, ["--preset", "tiny"]))
+    decay, skip = param_groups(model, 0.05, skip_decay=official_skip_decay)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed, skipped = {names[id(p)] for p in decay["params"]}, {names[id(p)] for p in skip["params"]}
+    assert {"mask_token", "student.rel_pos_bias.relative_position_bias_table", "projector.0.weight"} <= decayed
+    assert {"student.cls_token", "student.blocks.0.ls1.gamma", "student.blocks.0.attn.qkv.bias",
+            "projector.1.weight", "student.norm.weight"} <= skipped
+    assert not any(n.startswith("teacher") for n in decayed | skipped) and decay["weight_decay"] == 0.05
+
+
+def test_fp16_skipped_step_leaves_student_and_teacher_alone():
+    torch.manual_seed(0)
+    model = ConMIM(parse_config(Config, ["--preset", "tiny", "--depth", "2"])).train()
+    opt = torch.optim.AdamW(param_groups(model, 0.05, skip_decay=official_skip_decay), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    weak = torch.randn(4, 3, 32, 32)
+    mask = sample_mask(parse_config(Config, ["--preset", "tiny"]), 4, "cpu")
+    with torch.no_grad():
+        model.teacher.blocks[0].attn.qkv.weight.add_(1.0)                            # teacher != student
+    for poison in (True, False):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        scaler.scale(model(weak, weak, mask)[0]).backward()
+        if poison:
+            model.student.blocks[0].mlp.fc1.weight.grad[0, 0] = float("inf")
+        optimizer_step(model, opt, scaler, 1.0, 0.5)
+        after = model.state_dict()
+        changed = {k for k in before if "running" not in k and "num_batches" not in k
+                   and not torch.equal(before[k], after[k])}
+        if poison:
+            assert not changed and scaler.get_scale() == 2.0 ** 9                   # skipped: nothing moves
+        else:
+            assert "teacher.blocks.0.attn.qkv.weight" in changed and "student.blocks.0.attn.qkv.weight" in changed
+        assert all(p.grad is None for p in model.parameters())
+
+
+def test_accumulation_equals_one_big_batch(tmp_path, monkeypatch):
+    """2 micro-batches of 4 with --accum-iter 2 (and with --global-batch 8) == 1 batch of 8: weights to 1e-5, AdamW
+    moments to 1e-4 (relative norm). The projector's BatchNorm makes the real model inexact (statistics per
+    micro-batch), so a BN-free MLP replaces it here; every image gets the same mask, so both runs see the same work."""
+    import conmim
+    monkeypatch.setattr(conmim, "projector", lambda d, h, o: nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, o)))
+    row = sample_mask(parse_config(Config, ["--preset", "tiny"]), 1, "cpu")
+    monkeypatch.setattr(conmim, "sample_mask", lambda cfg, B, device, generator=None: row.expand(B, -1))
+    base = ["--preset", "tiny", "--depth", "2", "--data", "synthetic", "--steps-per-epoch", "2", "--epochs", "2",
+            "--warmup-epochs", "1", "--clip-grad", "100"]   # clipping on but inactive: it would hide a 2x gradient
+    runs = {"big": ["--batch-size", "8"], "accum": ["--batch-size", "4", "--accum-iter", "2"],
+            "global": ["--batch-size", "4", "--global-batch", "8"]}
+    ck = {}
+    for name, flags in runs.items():
+        torch.manual_seed(0)
+        main(parse_config(Config, [*base, *flags, "--out", str(tmp_path / name)]))
+        ck[name] = torch.load(tmp_path / name / "checkpoint.pth", weights_only=True)
+    for name in ("accum", "global"):
+        assert ck[name]["step"] == ck["big"]["step"] == 4
+        for k, v in ck["big"]["model"].items():
+            torch.testing.assert_close(ck[name]["model"][k], v, rtol=0, atol=1e-5, msg=k)
+        for i, st in ck["big"]["optimizer"]["state"].items():
+            for m in ("exp_avg", "exp_avg_sq"):
+                assert (ck[name]["optimizer"]["state"][i][m] - st[m]).norm() <= 1e-4 * st[m].norm(), (i, m)
 
 
 def test_views_share_one_crop_and_flip():
@@ -149,14 +234,62 @@ def test_overfit_one_batch():
                                        (["--mask-patch", "6"], "--mask-patch 6 must be a multiple"),
                                        (["--mask-patch", "12"], "that divides --img-size 32"),
                                        (["--mask-type", "block", "--mask-patches", "64"], "< 64 patches"),
-                                       (["--mask-type", "grid"], "choose random_mps32 or block"),
-                                       (["--arch", "vit_huge"], "--arch vit_huge"), (["--tau", "0"], "--tau 0.0")])
+                                       (["--mask-type", "grid"], "choose from random_mps32, block"),
+                                       (["--arch", "vit_huge"], "--arch vit_huge"), (["--tau", "0"], "--tau 0.0"),
+                                       (["--accum-iter", "0"], "--accum-iter 0 must be >= 1"),
+                                       (["--global-batch", "12"], "--global-batch 12 is not a multiple")])
 def test_bad_input_fails_before_anything_is_built(tmp_path, capsys, flags, msg):
     out = tmp_path / "never"
     with pytest.raises(SystemExit) as e:
         main(parse_config(Config, ["--preset", "tiny", "--data", "synthetic", "--out", str(out), *flags]))
     assert str(e.value).startswith("error: ") and msg in str(e.value), str(e.value)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("preset,extra", [("tiny", []), ("small32", ["--depth", "2"])])
+def test_exported_encoders_load_strict_into_timm_beit_and_finetune(tmp_path, preset, extra):
+    """The checkpoint's encoders (teacher and student, beit_* layout) load with strict=True into timm's Beit and give
+    the same tokens (1e-4); finetune.py's loader rebuilds them from "encoder_args" with the same output."""
+    timm = pytest.importorskip("timm")
+    import finetune
+    torch.manual_seed(0)
+    cfg = parse_config(Config, ["--preset", preset, *extra])
+    model = ConMIM(cfg).eval()
+    with torch.no_grad():   # non-trivial tables, k/q/v biases and a teacher != student, so the test can fail
+        for n, p in model.named_parameters():
+            if "relative_position" in n or n.endswith("bias"):
+                p.normal_(0, 0.5)
+        model.ema_update(0.5)
+    args = {"arch": "vit", **model.vit_args}
+    x = torch.randn(2, 3, 32, 32)
+    for name in ("teacher", "student"):
+        enc = getattr(model, name)
+        sd = to_timm_layout(enc.state_dict())
+        theirs = timm.models.beit.Beit(img_size=32, patch_size=4, embed_dim=192, depth=len(enc.blocks),
+                                       num_heads=3, num_classes=0, global_pool="token", use_abs_pos_emb=False,
+                                       use_rel_pos_bias=True, init_values=cfg.init_values or None).eval()
+        theirs.load_state_dict(sd, strict=True)
+        torch.testing.assert_close(theirs.forward_features(x), enc(x), atol=1e-4, rtol=0)
+        torch.save({"encoders": {name: sd}, "encoder_args": args, "default_encoder": name}, tmp_path / "ck.pth")
+        ours, dim, _ = finetune.build_encoder(parse_config(finetune.Config, ["--pretrained", str(tmp_path / "ck.pth")]))
+        assert dim == 192
+        torch.testing.assert_close(ours.eval()(x), enc(x), atol=1e-4, rtol=0)
+
+
+def test_paper_presets_and_recipe_line():
+    from conmim import recipe_line
+    rows = {"vit_small_300ep": "82.0", "vit_base_300ep": "83.5", "vit_base_800ep": "83.7", "vit_large_800ep": "85.2",
+            "vit_large_1600ep": "85.5"}
+    for preset, acc in rows.items():
+        cfg = parse_config(Config, ["--preset", preset, "--data", "/imagenet"])
+        assert cfg.global_batch == 2048                                               # accumulation derived in main
+        line = recipe_line(cfg, 8, 4, 625)
+        assert line.startswith(f"recipe: {preset} | global batch 2048 = 64 per GPU x 8 GPUs x 4 accum") and acc in line
+        assert cfg.paper_batch == 2048 and "148 of 196 patches" in line
+    large = parse_config(Config, ["--preset", "vit_large_1600ep"])
+    assert (large.lr, large.init_values, large.epochs, large.batch_size) == (7.5e-4, 1e-5, 1600, 64)
+    plain = parse_config(Config, ["--data", "/imagenet", "--epochs", "300"])          # the README's plain command
+    assert "recipe: defaults | global batch 64 = 64 per GPU x 1 GPUs x 1 accum" in recipe_line(plain, 1, 1, 20018)
 
 
 def run(*args):
@@ -168,12 +301,20 @@ def run(*args):
 
 def test_cpu_smoke_exact_resume_viz_then_finetune(tmp_path):
     base = ["conmim.py", "--preset", "tiny", "--data", "synthetic", "--device", "cpu", "--epochs", "2",
-            "--steps-per-epoch", "2", "--viz-every", "1"]
+            "--steps-per-epoch", "2", "--viz-every", "1", "--batch-size", "4", "--accum-iter", "2"]
     a = run(*base, "--out", str(tmp_path / "a"))
-    b1 = run(*base, "--out", str(tmp_path / "b"), "--stop-after", "3")
+    b1 = run(*base, "--out", str(tmp_path / "b"), "--stop-after", "3")   # mid-epoch: sampler offset in micro-batches
     b2 = run(*base, "--out", str(tmp_path / "b"))
     assert "resumed from" in b2.stdout
-    losses = lambda out: [l.split("|")[1] for l in out.splitlines() if l.startswith("ep ")]
+    assert "recipe: tiny | global batch 8 = 4 per GPU x 1 GPUs x 2 accum" in a.stdout and "2 steps/epoch" in a.stdout
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    other = subprocess.run([sys.executable, *base, "--accum-iter", "4", "--out", str(tmp_path / "b")], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600, env=env)   # global batch 16: another run
+    assert other.returncode == 1 and "different run (global_batch: 8 -> 16)" in other.stderr, other.stderr
+
+    def losses(out):
+        return [line.split("|")[1] for line in out.splitlines() if line.startswith("ep ")]
+
     assert losses(a.stdout) == losses(b1.stdout) + losses(b2.stdout) and len(losses(a.stdout)) == 4
     ck = torch.load(tmp_path / "a" / "checkpoint.pth", weights_only=True)
     ckb = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)
@@ -185,7 +326,7 @@ def test_cpu_smoke_exact_resume_viz_then_finetune(tmp_path):
     assert not any("mask_token" in k or "projector" in k for k in teacher)
     assert not torch.equal(teacher["blocks.0.attn.qkv.weight"], ck["encoders"]["student"]["blocks.0.attn.qkv.weight"])
     assert (tmp_path / "a" / "viz_epoch0.png").exists() and (tmp_path / "a" / "viz_epoch1.png").exists()
-    assert [json.loads(l)["epoch"] for l in open(tmp_path / "a" / "log.jsonl")] == [0, 1]
+    assert [json.loads(line)["epoch"] for line in open(tmp_path / "a" / "log.jsonl")] == [0, 1]
     ft = run("finetune.py", "--pretrained", str(tmp_path / "a" / "checkpoint.pth"), "--data", "synthetic", "--device",
              "cpu", "--mode", "finetune", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4", "--workers",
              "0", "--out", str(tmp_path / "ft"))
