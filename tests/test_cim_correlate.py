@@ -1,4 +1,4 @@
-"""cim_correlate.py: batched crop geometry vs a slow PIL reference, loss vs a loop, EMA, overfit, smoke runs, bad input."""
+"""cim_correlate.py: geometry vs slow references, loss vs a loop, EMA, timm interop, overfit, smoke runs, bad input."""
 import dataclasses
 import math
 import os
@@ -14,8 +14,8 @@ import torchvision
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cim_correlate import (Config, CorrelationalIM, VisionTransformer, augment_exemplars, correlation_loss,  # noqa: E402
-                           crop_exemplars, main, sample_boxes, sample_pairs, target_maps, validate)
+from cim_correlate import (Config, CorrelationalIM, augment_exemplars, correlation_loss, crop_exemplars,  # noqa: E402
+                           main, sample_boxes, sample_pairs, save, target_maps, validate)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = Config(**Config.PRESETS["tiny"])
@@ -32,6 +32,7 @@ def pil_reference(img, angle, center, half, ctx, ex, up=4):
     axis-aligned box there and resize it; rotate a label map the same way, mark the box, rotate it back, crop to the
     image, resize to the context; target = marked pixels. Label maps at `up` x resolution (less nearest-rounding)."""
     W, t = img.width, math.radians(angle)
+
     def box_in_rotated(size, rot_size):   # box centre and half sizes, in pixels of a rotated canvas
         px, py = (center * size / 2).tolist()                                  # offset from the image centre
         qx = rot_size[0] / 2 + math.cos(t) * px + math.sin(t) * py
@@ -138,6 +139,29 @@ def test_overfit_one_batch():
     assert losses[-1] < 0.5 * losses[0] and logs["iou"] > 0.3, (losses, logs)   # found, not just the background prior
 
 
+def test_exported_vit_loads_into_timm_and_finetune(tmp_path):
+    timm = pytest.importorskip("timm")
+    import finetune
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(TINY, depth=2, out=str(tmp_path))
+    model = CorrelationalIM(cfg)
+    with torch.no_grad():   # non-trivial weights everywhere, so the comparison can fail
+        for p in model.online.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    save(cfg, model, opt, torch.amp.GradScaler("cpu", enabled=False), 0, 1, 0)
+    ck = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    x = torch.randn(2, 3, 32, 32)
+    ours = model.online.eval()(x)
+    ref = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=4, embed_dim=192, depth=2,
+                                                           num_heads=3, num_classes=0, global_pool="token").eval()
+    ref.load_state_dict(ck["encoders"]["online"], strict=True)
+    torch.testing.assert_close(ref.forward_features(x), ours, atol=1e-4, rtol=0)
+    enc, dim, _ = finetune.build_encoder(finetune.Config(pretrained=str(tmp_path / "checkpoint.pth"), mode="linear"))
+    torch.testing.assert_close(enc.eval()(x), ours, atol=1e-4, rtol=0)
+    assert dim == 192
+
+
 def run(*args):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
@@ -155,12 +179,11 @@ def test_smoke_then_finetune(tmp_path, arch):
     assert ck["default_encoder"] == "online" and set(ck["encoders"]) == {"online", "target"}
     if arch == "vit":
         assert (tmp_path / "pre" / "viz_epoch0.png").exists()
-        enc = VisionTransformer(**{k: v for k, v in ck["encoder_args"].items() if k != "arch"})
     else:
         enc = torchvision.models.resnet50()
         enc.fc = torch.nn.Identity()
-    for name in ("online", "target"):
-        enc.load_state_dict(ck["encoders"][name], strict=True)
+        for name in ("online", "target"):
+            enc.load_state_dict(ck["encoders"][name], strict=True)
     src = "online" if arch == "vit" else "target"                           # finetune.py's default, and --from target
     r = run("finetune.py", "--pretrained", str(tmp_path / "pre" / "checkpoint.pth"), "--data", "synthetic", "--device",
             "cpu", "--mode", "finetune", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4",
