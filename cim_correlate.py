@@ -3,9 +3,9 @@ cim_correlate.py - Correlational Image Modeling (crop-and-correlate) pre-trainin
 Paper: Li, Xie, Loy, "Correlational Image Modeling for Self-Supervised Visual Pre-Training", CVPR 2023 (2303.12670).
 Official code: https://github.com/weivision/Correlational-Image-Modeling (cited below as file:line@f00e35a).
 
-    python cim_correlate.py --data /imagenet --epochs 300                              # 1 GPU
-    torchrun --nproc_per_node 8 cim_correlate.py --data /imagenet --batch-size 512     # 8 GPUs, global batch 4096
-    python cim_correlate.py --preset tiny --data synthetic --out out/cim_correlate_tiny   # CPU smoke run, seconds
+    torchrun --nproc_per_node 8 cim_correlate.py --preset vit_base_300ep --data /imagenet   # the released recipe
+    python cim_correlate.py --data /imagenet --epochs 300                                  # 1 GPU, batch 256, bf16
+    python cim_correlate.py --preset tiny --data synthetic --out out/cim_correlate_tiny       # CPU smoke run, seconds
 
 From each search image, E exemplars are cut (random scale, shape and rotation) and a light decoder must find them:
 the target encoder (EMA of the online one) embeds the whole image (the context), the online encoder embeds each
@@ -16,8 +16,8 @@ Sections: 1 config | 2 crop-and-correlate sampling | 3 loss, EMA | 4 model | 5 d
 7 appendix: ViT, ResNet-50 tokens, visualisation, argument checks.
 """
 import copy
+import contextlib
 import dataclasses
-import itertools
 import math
 import os
 
@@ -29,9 +29,9 @@ from torchvision import transforms
 from torchvision.ops import stochastic_depth
 from torchvision.utils import save_image
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, Progress, build_dataset, build_loader, cosine_schedule, fail,
-                    log_json, param_groups, parse_config, prepare_out, print0, resume, rng_state, save_checkpoint,
-                    seed_all, setup_dist)
+from common import (IMAGENET_MEAN, IMAGENET_STD, Progress, accum_steps, all_finite, batch_warning, build_dataset,
+                    build_loader, cosine_schedule, fail, log_json, param_groups, parse_config, prepare_out, print0,
+                    resume, rng_state, run_settings, save_checkpoint, seed_all, setup_dist)
 
 
 # ----------------------------------------------------------------------------- 1. Config
@@ -56,17 +56,21 @@ class Config:
     exemplar_ratio_max: float = 3.0   # (tools/main_pretrain.py:71)
     rotation: int = 45                # angle ~ uniform integer in [-rotation, rotation) degrees (dist_pretrain.sh:43)
     box_tries: int = 10               # box draws before the whole-image fallback (util/datasets.py:153)
+    box_rule: str = "corner"          # keep the exemplar in the image: corner (release, datasets.py:211) | centre
     exemplar_aug: bool = True         # colour jitter / grey / blur / solarize on exemplars only (dist_pretrain.sh:45)
     exemplar_flip: bool = True        # horizontal flip of the exemplar only, map unflipped (dist_pretrain.sh:45)
     # model
     freeze_patch_embed: bool = True   # random frozen patch projection (models/cim.py:34 stop_grad_conv)
     ema_momentum: float = 0.99        # target = EMA of online, momentum cosine 0.99 -> 1 per step (models/cim.py:33)
-    decoder_dim: int = 512            # correlation decoder width (models/cim.py:439)
-    decoder_heads: int = 16           # cross-attention heads (models/cim.py:439)
-    decoder_mlp_ratio: float = 4.0    # (models/cim.py:440)
+    decoder_dim: int = 512            # correlation decoder width (models/cim.py:440)
+    decoder_heads: int = 16           # cross-attention heads (models/cim.py:440)
+    decoder_mlp_ratio: float = 4.0    # (models/cim.py:441)
     # optimisation
     epochs: int = 300                 # (dist_pretrain.sh:13)
     batch_size: int = 256             # per GPU (dist_pretrain.sh:72; the release adds --accum_iter 2 on 8 GPUs)
+    accum_iter: int = 1               # micro-batches per optimizer step (exact for ViT; ResNet-50 BatchNorm sees each)
+    global_batch: int = 0             # >0: accum = global / (batch_size x GPUs), an error if it does not divide
+    paper_batch: int = 0              # the recipe's global batch (presets set it): warn when > 2x away
     blr: float = 1.5e-4               # lr = blr * global batch / 256 (dist_pretrain.sh:47, main_pretrain.py:268)
     min_lr: float = 0.0               # cosine floor (main_pretrain.py:90)
     warmup_epochs: int = 40           # (dist_pretrain.sh:14)
@@ -84,15 +88,34 @@ class Config:
     stop_after: int = 0               # exit after N steps of this run with a resumable checkpoint; 0 = off
     viz_every: int = 0                # PNG every N epochs: context | exemplars | target maps | predicted maps; 0 = off
 
-    CHOICES = {"arch": ("vit_tiny", "vit_small", "vit_base", "vit_large", "resnet50"), "amp": ("bf16", "fp16", "off")}
+    CHOICES = {"arch": ("vit_tiny", "vit_small", "vit_base", "vit_large", "resnet50"), "amp": ("bf16", "fp16", "off"),
+               "box_rule": ("corner", "centre")}
     _TINY = dict(arch="vit_tiny", img_size=32, patch_size=4, context_size=24, exemplar_size=16, num_exemplars=2,
                  decoder_dim=128, decoder_heads=4, batch_size=8, device="cpu", workers=0, epochs=1, warmup_epochs=0,
                  log_every=1, blr=1e-2)
     PRESETS = {
+        "vit_base_300ep": dict(   # released run; source: weivision/Correlational-Image-Modeling/<path:line>@f00e35a
+            arch="vit_base", patch_size=16,                   # scripts/dist_pretrain.sh:25
+            epochs=300, warmup_epochs=40,                     # scripts/dist_pretrain.sh:13-14
+            search_scale_min=0.5, rotation=45,                # scripts/dist_pretrain.sh:43
+            img_size=224, context_size=160, exemplar_size=64, num_exemplars=6,   # scripts/dist_pretrain.sh:44
+            exemplar_aug=True, exemplar_flip=True,            # scripts/dist_pretrain.sh:45
+            exemplar_scale_min=0.05, exemplar_scale_max=0.48,   # scripts/dist_pretrain.sh:46
+            blr=1.5e-4, weight_decay=0.05,                    # scripts/dist_pretrain.sh:47
+            batch_size=256,                                   # scripts/dist_pretrain.sh:72
+            global_batch=4096, paper_batch=4096,              # 256 x 8 GPUs (docs/PRETRAIN.md:1) x accum 2 (sh:72)
+            exemplar_ratio_min=1 / 3, exemplar_ratio_max=3.0,   # tools/main_pretrain.py:69-72
+            box_tries=10, box_rule="corner",                  # util/datasets.py:153, util/datasets.py:211
+            amp="off",                                        # tools/main_pretrain.py:80 (--amp sets FP16, never amp)
+            clip_grad=0.0,                                    # engines/pretrain_cim.py:66-74 (clips only under amp)
+            min_lr=0.0,                                       # tools/main_pretrain.py:90
+            ema_momentum=0.99, freeze_patch_embed=True,       # models/cim.py:33-34
+            decoder_dim=512, decoder_heads=16, decoder_mlp_ratio=4.0),   # models/cim.py:440-441
         "tiny": _TINY,   # CPU smoke run: the release's geometry scaled to 32 px (docs/cim_correlate.md#presets)
         "small32": {**_TINY, "batch_size": 64, "epochs": 16, "warmup_epochs": 1, "log_every": 10,   # CPU, 32 px
                     "workers": 2, "blr": 4e-3, "exemplar_scale_min": 0.15},                     # real images (docs)
     }
+    PAPER_ROWS = {"vit_base_300ep": "ViT-B/16 300 ep -> 83.1 top-1 after 100 ep fine-tuning (README.md:37@f00e35a)"}
 
 
 # ----------------------------------------------------------------------------- 2. Crop-and-correlate sampling
@@ -107,10 +130,10 @@ def uniform(shape, lo, hi, device, gen):
 
 def sample_boxes(B, E, cfg, device, gen=None):
     """The release's box recipe (util/datasets.py:148-178, 330-353), vectorised. Per exemplar: integer angle in
-    [-rot, rot) degrees; box of area s * |image|, s ~ U[scale_min, scale_max], aspect log-uniform in
-    [ratio_min, ratio_max] (first of cfg.box_tries draws that fits, else the whole image), placed uniformly inside
-    the image; after rotating the image by the angle the exemplar is the bounding box of the rotated box, shrunk
-    about its centre by the largest k <= 1 that keeps its four corners inside the rotated image (closed form).
+    [-rot, rot) degrees; box of area s * |image|, s ~ U[scale_min, scale_max], log-uniform aspect (first of
+    cfg.box_tries draws that fits, else the whole image), placed uniformly. In the image rotated by the angle, the
+    exemplar is the bounding box of the rotated box, kept inside the rotated image by cfg.box_rule: "corner" moves
+    each outside corner onto the edge (the release), "centre" shrinks it about its centre (largest k <= 1 that fits).
     Returns angle (B, E) radians, center (B, E, 2), half (B, E, 2) = (a, b), all normalised."""
     r, K = cfg.rotation, cfg.box_tries
     angle = torch.randint(-r, r + (r == 0), (B, E), device=device, generator=gen).float() * (math.pi / 180)
@@ -124,11 +147,56 @@ def sample_boxes(B, E, cfg, device, gen=None):
     w = torch.where(found, w.gather(-1, first)[..., 0], 1.0)         # none fits: the whole image
     h = torch.where(found, h.gather(-1, first)[..., 0], 1.0)         # (B, E); also the normalised half sizes
     center = (2 * torch.rand(B, E, 2, device=device, generator=gen) - 1) * (1 - torch.stack([w, h], -1))
+    if cfg.box_rule == "corner":
+        return angle, *revise_corners(angle, center, w, h)
     cos, sin = angle.cos().abs(), angle.sin().abs()
     a, b = w * cos + h * sin, w * sin + h * cos                      # bounding box of the rotated box (rotated frame)
     ext_x, ext_y = a * cos + b * sin, a * sin + b * cos              # its half extent back in the image frame
     k = torch.minimum((1 - center[..., 0].abs()) / ext_x, (1 - center[..., 1].abs()) / ext_y).clamp(max=1.0)
     return angle, center, torch.stack([a * k, b * k], -1)
+
+
+def revise_corners(angle, center, w, h):
+    """The release's per-corner rule (util/datasets.py:211-290), closed form. In the rotated frame q = (p.e1, p.e2),
+    each corner of the bounding box [x1, x2] x [y1, y2] of the rotated box that lies outside the rotated image moves
+    along one side onto its edge, in the release's order (t > 0: top-left down, top-right left, bottom-left right,
+    bottom-right up; t <= 0: top-left right, top-right down, bottom-left up, bottom-right left).
+    -> center (B, E, 2) in the image frame, half (B, E, 2) in the rotated frame."""
+    c, s = angle.cos(), angle.sin()
+
+    def span(alpha, beta):                     # {z : |alpha + beta * z| <= 1} as (low, high)
+        beta = torch.where(beta.abs() < 1e-9, torch.full_like(beta, 1e-9), beta)
+        lo, hi = (-1 - alpha) / beta, (1 - alpha) / beta
+        return torch.minimum(lo, hi), torch.maximum(lo, hi)
+
+    def rows(x):                               # (top, bottom) of the rotated image in column x: p = x e1 + y e2
+        (l1, h1), (l2, h2) = span(x * c, -s), span(x * s, c)
+        return torch.maximum(l1, l2), torch.minimum(h1, h2)
+
+    def cols(y):                               # (left, right) of the rotated image in row y
+        (l1, h1), (l2, h2) = span(-y * s, c), span(y * c, s)
+        return torch.maximum(l1, l2), torch.minimum(h1, h2)
+
+    def out(x, y):                             # corner outside the rotated image
+        return ((x * c - y * s).abs() > 1 + 1e-6) | ((x * s + y * c).abs() > 1 + 1e-6)
+
+    qx, qy = center[..., 0] * c + center[..., 1] * s, center[..., 1] * c - center[..., 0] * s
+    A, B = w * c.abs() + h * s.abs(), w * s.abs() + h * c.abs()       # half extents of the bounding box
+    x1, x2, y1, y2 = qx - A, qx + A, qy - B, qy + B
+    pos = angle > 0
+    tl, tr, bl = out(x1, y1), out(x2, y1), out(x1, y2)                # the release tests the original corners
+    y1n = torch.where(pos & tl, rows(x1)[0], y1)
+    x1n = torch.where(~pos & tl, cols(y1)[0], x1)
+    x2n = torch.where(pos & tr, cols(y1n)[1], x2)
+    y1n = torch.where(~pos & tr, rows(x2)[0], y1n)
+    x1n = torch.where(pos & bl, cols(y2)[0], x1n)
+    y2n = torch.where(~pos & bl, rows(x1n)[1], y2)
+    br = out(x2n, y2n)
+    y2n = torch.where(pos & br, rows(x2n)[1], y2n)
+    x2n = torch.where(~pos & br, cols(y2n)[1], x2n)
+    mx, my = (x1n + x2n) / 2, (y1n + y2n) / 2                         # new centre, rotated frame
+    half = torch.stack([(x2n - x1n) / 2, (y2n - y1n) / 2], -1).clamp(min=1e-3)
+    return torch.stack([mx * c - my * s, mx * s + my * c], -1), half
 
 
 def crop_exemplars(images, angle, center, half, size, flip=None, supersample=2):
@@ -167,10 +235,7 @@ def augment_exemplars(x, gen=None, jitter=(0.4, 0.4, 0.2, 0.1), p_jitter=0.8, p_
     the grey axis), grayscale p=0.2, Gaussian blur sigma ~ U[0.1, 2] p=0.5 (13 taps, separable), solarize p=0.2."""
     N, dev = x.shape[0], x.device
 
-    def coin(p):                                                             # (N, 1, 1, 1) bool, one draw each
-        return torch.rand(N, 1, 1, 1, device=dev, generator=gen) < p
-
-    def draw(lo, hi):
+    def draw(lo, hi):                                                        # (N, 1, 1, 1), one draw per exemplar
         return uniform((N, 1, 1, 1), lo, hi, dev, gen)
 
     def grey(z):                                                             # (N, 1, h, w) luma
@@ -186,16 +251,16 @@ def augment_exemplars(x, gen=None, jitter=(0.4, 0.4, 0.2, 0.1), p_jitter=0.8, p_
     cross = x.new_tensor([[0, -1, 1], [1, 0, -1], [-1, 1, 0]]) / math.sqrt(3)
     rot = t.cos() * torch.eye(3, device=dev) + (1 - t.cos()) / 3 + t.sin() * cross   # (N, 3, 3) Rodrigues
     y = torch.einsum("nij,njhw->nihw", rot, y).clamp(0, 1)
-    x = torch.where(coin(p_jitter), y, x)
-    x = torch.where(coin(p_gray), grey(x).expand_as(x), x)
+    x = torch.where(draw(0, 1) < p_jitter, y, x)
+    x = torch.where(draw(0, 1) < p_gray, grey(x).expand_as(x), x)
     s = draw(*sigma).view(N, 1)
     k = torch.exp(-torch.arange(-6, 7, device=dev).float() ** 2 / (2 * s ** 2))
     k = (k / k.sum(1, keepdim=True)).repeat_interleave(3, 0)                 # (3N, 13)
     z = x.reshape(1, 3 * N, *x.shape[2:])
     z = F.conv2d(F.pad(z, (6, 6, 0, 0), mode="replicate"), k.view(3 * N, 1, 1, 13), groups=3 * N)
     z = F.conv2d(F.pad(z, (0, 0, 6, 6), mode="replicate"), k.view(3 * N, 1, 13, 1), groups=3 * N)
-    x = torch.where(coin(p_blur), z.view_as(x), x)
-    return torch.where(coin(p_solarize), torch.where(x >= 128 / 255, 1 - x, x), x)
+    x = torch.where(draw(0, 1) < p_blur, z.view_as(x), x)
+    return torch.where(draw(0, 1) < p_solarize, torch.where(x >= 128 / 255, 1 - x, x), x)
 
 
 def sample_pairs(images, cfg, gen=None):
@@ -272,7 +337,9 @@ class CorrelationalIM(nn.Module):
             # finetune.py builds its ViT from these kwargs (qkv bias, sin-cos positions, no relative bias/layer scale)
             self.encoder_args = {"arch": "vit", **kw, "qkv_bias": True, "pos_embed": "sincos", "rel_pos": "none",
                                  "init_values": None}
-            self.online.patch_embed.proj.requires_grad_(not cfg.freeze_patch_embed)   # MoCo v3 random projection
+            if cfg.freeze_patch_embed:   # MoCo v3 random projection, bias zeroed first (models/cim.py:178-187)
+                nn.init.zeros_(self.online.patch_embed.proj.bias)
+                self.online.patch_embed.proj.requires_grad_(False)
         self.target = copy.deepcopy(self.online).requires_grad_(False)               # EMA copy, never in the optimizer
         self.grid = cfg.context_size // stride                                      # 160 / 16 = 10
         C = cfg.decoder_dim
@@ -283,6 +350,7 @@ class CorrelationalIM(nn.Module):
         self.decoder_pred = nn.Conv2d(C, 2, 1)                                      # background / exemplar logits
         for m in (self.decoder_embed, self.decoder_block, self.decoder_norm):
             m.apply(VisionTransformer._init_weights)
+        nn.init.normal_(self.decoder_pred.weight, std=1.0)   # release: N(0, sqrt(2 / (1*1*2))) (models/cim.py:195-197)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -337,7 +405,28 @@ def build_transform(cfg):
 
 # ----------------------------------------------------------------------------- 6. Training
 
-def save(cfg, raw_model, opt, scaler, epoch, step, rank):
+def release_no_decay(name, p):
+    """The release's weight-decay exemptions (timm 0.5.4 add_weight_decay, tools/main_pretrain.py:283): 1-D params
+    and biases only, so the cls token is decayed; fixed positions are buffers here, frozen weights are skipped."""
+    return p.ndim <= 1 or name.endswith(".bias")
+
+
+@torch.no_grad()
+def optimizer_step(raw_model, opt, scaler, clip_grad, momentum):
+    """Clip, step, then the EMA target; a step that fp16's GradScaler skips (inf/NaN grads) leaves the target alone.
+    The scale is read back (a host sync) only when the scaler is on, i.e. with --amp fp16."""
+    if clip_grad > 0:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), clip_grad)
+    scale = scaler.get_scale() if scaler.is_enabled() else 0.0
+    scaler.step(opt)
+    scaler.update()
+    if not scaler.is_enabled() or scaler.get_scale() >= scale:
+        raw_model.ema_update(momentum)                                 # METHOD: EMA target, from raw_model
+    opt.zero_grad(set_to_none=True)
+
+
+def save(cfg, raw_model, opt, scaler, epoch, step, rank, settings=None):
     """Checkpoint with both encoders: timm vit_* keys (ViT) or torchvision resnet50 keys without fc (ResNet-50)."""
     if rank:
         return
@@ -347,23 +436,38 @@ def save(cfg, raw_model, opt, scaler, epoch, step, rank):
 
     save_checkpoint({"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                      "step": step, "epoch": epoch, "rng": rng_state(), "config": dataclasses.asdict(cfg),
-                     "encoders": {"online": enc(raw_model.online), "target": enc(raw_model.target)},
-                     "encoder_args": raw_model.encoder_args, "default_encoder": "online"},
+                     "settings": settings, "encoder_args": raw_model.encoder_args, "default_encoder": "online",
+                     "encoders": {"online": enc(raw_model.online), "target": enc(raw_model.target)}},
                     os.path.join(cfg.out, "checkpoint.pth"))
+
+
+def recipe_line(cfg, world, accum, lr, steps_per_epoch, amp_dtype):
+    """The one line that says which recipe this run is."""
+    G, row = cfg.batch_size * world * accum, Config.PAPER_ROWS.get(cfg.preset)
+    prec = str(amp_dtype or "fp32").replace("torch.", "")
+    return (f"recipe: {cfg.preset or 'defaults'} | global batch {cfg.batch_size} x {world} GPUs x {accum} accum = {G}"
+            f" | peak lr {lr:.2e} = blr {cfg.blr} x {G} / 256 | {steps_per_epoch} steps/epoch | EMA {cfg.ema_momentum}"
+            f" -> 1 | {cfg.num_exemplars} exemplars of {cfg.exemplar_size}px, area {cfg.exemplar_scale_min}-"
+            f"{cfg.exemplar_scale_max}, rotation +-{cfg.rotation}, box rule {cfg.box_rule} | {prec}"
+            f", clip {cfg.clip_grad or 'off'}" + (f" | paper row: {row}" if row else ""))
 
 
 def main(cfg):
     validate(cfg)
     rank, world, device = setup_dist(cfg.device)
     seed_all(cfg.seed + rank)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = cfg.amp != "off"   # --amp off: full fp32 matmuls (torch >= 1.12 default)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if device.type == "cuda" else None
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)   # re-entered each step
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    accum = accum_steps(cfg.global_batch, cfg.batch_size, world, cfg.accum_iter)
     prepare_out(cfg.out, cfg, __file__)
     dataset = build_dataset(cfg.data, "train", build_transform(cfg), cfg.img_size)
     loader = build_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device)
-    steps_per_epoch = min(len(loader), cfg.steps_per_epoch or len(loader))
+    steps_per_epoch = min(len(loader) // accum, cfg.steps_per_epoch or len(loader))   # optimizer steps
+    if steps_per_epoch < 1:
+        fail(f"one optimizer step needs {accum} batches per process but the data gives {len(loader)}; "
+             "lower --accum-iter / --global-batch")
     total_steps = cfg.epochs * steps_per_epoch
     raw_model = CorrelationalIM(cfg).to(device)                        # METHOD
     if cfg.arch == "resnet50":
@@ -373,43 +477,46 @@ def main(cfg):
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    lr = cfg.blr * cfg.batch_size * world / 256
-    print0(f"lr = {cfg.blr} * {cfg.batch_size} * {world} / 256 = {lr:.2e}; {cfg.arch}: context {cfg.context_size}px "
-           f"({raw_model.grid}x{raw_model.grid} tokens), {cfg.num_exemplars} exemplars of {cfg.exemplar_size}px "
-           "per image")
-    opt = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=lr, betas=(0.9, 0.95),
-                            fused=device.type == "cuda")
+    global_batch = cfg.batch_size * world * accum
+    lr = cfg.blr * global_batch / 256
+    print0(recipe_line(cfg, world, accum, lr, steps_per_epoch, amp_dtype))
+    batch_warning(global_batch, cfg.paper_batch, steps_per_epoch)
+    opt = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay, skip_decay=release_no_decay), lr=lr,
+                            betas=(0.9, 0.95), fused=device.type == "cuda")
     lr_sched = cosine_schedule(lr, cfg.min_lr, total_steps, cfg.warmup_epochs * steps_per_epoch)
     ema_sched = cosine_schedule(cfg.ema_momentum, 1.0, total_steps)  # METHOD: momentum 0.99 -> 1 (BYOL cosine)
-    start = resume(cfg.out, raw_model, opt, scaler, rank, cfg.seed)
-    progress, last = Progress(total_steps, cfg.batch_size * world, cfg.log_every), {}
+    keys = ("arch", "depth", "patch_size", "img_size", "context_size", "exemplar_size", "num_exemplars", "epochs")
+    settings = {**run_settings(cfg, __file__, keys), "global_batch": global_batch}
+    start = resume(cfg.out, raw_model, opt, scaler, rank, cfg.seed, settings=settings)
+    progress, last = Progress(total_steps, global_batch, cfg.log_every), {}
     for epoch in range(start // steps_per_epoch, cfg.epochs):
         loader.sampler.set_epoch(epoch)
-        loader.sampler.start_step = first = start % steps_per_epoch if epoch == start // steps_per_epoch else 0
+        first = start % steps_per_epoch if epoch == start // steps_per_epoch else 0
+        loader.sampler.start_step = first * accum                      # the sampler counts micro-batches
+        batches = iter(loader)
         raw_model.train()
-        for i, (images, _) in enumerate(itertools.islice(loader, steps_per_epoch - first), start=first):
-            it = epoch * steps_per_epoch + i
+        for i in range(first, steps_per_epoch):
+            it = epoch * steps_per_epoch + i                           # optimizer step: indexes lr, EMA, logs
             for g in opt.param_groups:
                 g["lr"] = lr_sched[it]
-            images = images.to(device, non_blocking=True)
-            with autocast:
-                loss, logs = model(images)                             # METHOD: crop, correlate, loss
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.clip_grad > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
-            scaler.step(opt)
-            scaler.update()
-            raw_model.ema_update(ema_sched[it])                        # METHOD: EMA target, from raw_model
-            vals = progress.step(it, epoch, {"loss": loss, **logs}, lr_sched[it])
+            logs = {}
+            for k in range(accum):                                     # DDP all-reduces on the last micro-batch only
+                images = next(batches)[0].to(device, non_blocking=True)
+                with model.no_sync() if world > 1 and k + 1 < accum else contextlib.nullcontext():
+                    with autocast:
+                        loss, extra = model(images)                    # METHOD: crop, correlate, loss
+                    scaler.scale(loss / accum).backward()
+                for n, v in {"loss": loss, **extra}.items():
+                    logs[n] = logs.get(n, 0) + v.detach() / accum
+            optimizer_step(raw_model, opt, scaler, cfg.clip_grad, ema_sched[it])
+            vals = progress.step(it, epoch, logs, lr_sched[it])
             last = vals or last
-            if (vals is not None or i + 1 == steps_per_epoch) and not math.isfinite(loss.item()):   # before any save
-                fail(f"loss is {loss.item()} at step {it + 1}; last good checkpoint kept in {cfg.out}")
+            if (vals is not None or i + 1 == steps_per_epoch) and not all_finite(logs["loss"].isfinite()):
+                fail(f"loss is not finite at step {it + 1}; last good checkpoint kept in {cfg.out}")   # before a save
             if cfg.stop_after and it + 1 - start >= cfg.stop_after:
-                save(cfg, raw_model, opt, scaler, epoch, it + 1, rank)
+                save(cfg, raw_model, opt, scaler, epoch, it + 1, rank, settings)
                 return print0(f"stopping after {cfg.stop_after} steps; run the same command again to resume")
-        save(cfg, raw_model, opt, scaler, epoch, it + 1, rank)
+        save(cfg, raw_model, opt, scaler, epoch, it + 1, rank, settings)
         log_json(cfg.out, {"epoch": epoch, "step": it + 1, **last})
         if cfg.viz_every and (epoch + 1) % cfg.viz_every == 0 and rank == 0:
             visualize(raw_model, images, os.path.join(cfg.out, f"viz_epoch{epoch}.png"), epoch)   # METHOD
@@ -433,11 +540,13 @@ def sincos_pos_embed(D, h, w):
 
 
 def resize_pos_embed(pos_embed, old_grid, new_grid):
-    """(1, 1+gh*gw, D) positions for another grid: bicubic on the patch part, the cls position kept."""
+    """(1, 1+gh*gw, D) positions for another grid: bicubic on the patch part, the cls position kept. As the release
+    (models/cim.py:202-222), the sampling step is set by scale_factor (h + 0.1) / gh, not by the output size."""
     if tuple(old_grid) == tuple(new_grid):
         return pos_embed
     grid = pos_embed[:, 1:].reshape(1, *old_grid, -1).permute(0, 3, 1, 2)                # (1, D, gh, gw)
-    grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False).to(pos_embed.dtype)
+    scale = tuple((n + 0.1) / o for n, o in zip(new_grid, old_grid))
+    grid = F.interpolate(grid.float(), scale_factor=scale, mode="bicubic", align_corners=False).to(pos_embed.dtype)
     return torch.cat([pos_embed[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)         # (1, 1+h*w, D)
 
 
@@ -563,38 +672,30 @@ def visualize(m, images, path, seed=0):
     m.train(was_training)
 
 
-MAX_EXEMPLARS = 32   # each exemplar is a full online-encoder pass: E x batch images per step
-
-
 def validate(cfg):
     """Every bad flag -> one clear error before any data or model is built."""
     for k, ok in Config.CHOICES.items():
         if getattr(cfg, k) not in ok:
-            fail(f"--{k} {getattr(cfg, k)}: choose from {', '.join(ok)}")
+            fail(f"--{k.replace('_', '-')} {getattr(cfg, k)}: choose from {', '.join(ok)}")
     if cfg.patch_size < 1 or cfg.batch_size < 1:
         fail(f"--patch-size {cfg.patch_size} and --batch-size {cfg.batch_size} must be >= 1")
     unit = 32 if cfg.arch == "resnet50" else cfg.patch_size   # ResNet-50: layer4 (stride 32) must tile the input
     for k in ("img_size", "context_size", "exemplar_size"):
         if getattr(cfg, k) <= 0 or getattr(cfg, k) % unit:
-            fail(f"--{k.replace('_', '-')} {getattr(cfg, k)}: must be a positive multiple of {unit} for {cfg.arch}"
-                 + (" (its stride-32 stage)" if cfg.arch == "resnet50" else " (the patch size)"))
+            fail(f"--{k.replace('_', '-')} {getattr(cfg, k)}: must be a positive multiple of {unit} for {cfg.arch}")
     if cfg.exemplar_size > cfg.context_size:
-        fail(f"--exemplar-size {cfg.exemplar_size} is larger than --context-size {cfg.context_size}: an exemplar is a "
-             "crop of the context and must not be larger (release: 64 and 160)")
+        fail(f"--exemplar-size {cfg.exemplar_size} is larger than --context-size {cfg.context_size} (release: 64, 160)")
     if not 0 < cfg.exemplar_scale_min <= cfg.exemplar_scale_max <= 1:
-        fail(f"exemplar scale range [{cfg.exemplar_scale_min}, {cfg.exemplar_scale_max}] is empty or outside (0, 1]: "
-             "need 0 < --exemplar-scale-min <= --exemplar-scale-max <= 1")
+        fail(f"exemplar scale range [{cfg.exemplar_scale_min}, {cfg.exemplar_scale_max}]: need 0 < min <= max <= 1")
     if not 0 < cfg.exemplar_ratio_min <= cfg.exemplar_ratio_max:
-        fail(f"exemplar aspect range [{cfg.exemplar_ratio_min}, {cfg.exemplar_ratio_max}] is empty: "
-             "need 0 < min <= max")
+        fail(f"exemplar aspect range [{cfg.exemplar_ratio_min}, {cfg.exemplar_ratio_max}]: need 0 < min <= max")
     if not 0 < cfg.search_scale_min <= 1:
         fail(f"--search-scale-min {cfg.search_scale_min}: must be in (0, 1]")
     if not 0 <= cfg.rotation <= 180 or cfg.box_tries < 1:
         fail(f"--rotation {cfg.rotation} must be in [0, 180] degrees and --box-tries {cfg.box_tries} >= 1")
-    if not 1 <= cfg.num_exemplars <= MAX_EXEMPLARS:
-        fail(f"--num-exemplars {cfg.num_exemplars}: must be between 1 and {MAX_EXEMPLARS}; each exemplar is one more "
-             f"online-encoder pass per image (batch {cfg.batch_size} x {cfg.num_exemplars} = "
-             f"{cfg.batch_size * cfg.num_exemplars} exemplar images per step; release: 6)")
+    if not 1 <= cfg.num_exemplars <= 32:   # each exemplar is one more online-encoder pass per image
+        fail(f"--num-exemplars {cfg.num_exemplars}: must be between 1 and 32 (batch {cfg.batch_size} x "
+             f"{cfg.num_exemplars} exemplar images per step; release: 6)")
     if cfg.decoder_dim % cfg.decoder_heads or cfg.decoder_dim % 4:
         fail(f"--decoder-dim {cfg.decoder_dim} must be divisible by 4 and by --decoder-heads {cfg.decoder_heads}")
     if not 0 <= cfg.ema_momentum <= 1 or cfg.clip_grad < 0 or cfg.depth < 0:
