@@ -266,6 +266,17 @@ def test_accumulation_2x4_equals_8(tmp_path, monkeypatch):
         main(dataclasses.replace(base, batch_size=4, accum_iter=4, out=str(tmp_path / "b")))
 
 
+def test_resume_with_accumulation_is_exact(tmp_path):
+    base = dataclasses.replace(TINY, depth=1, data="synthetic", steps_per_epoch=3, batch_size=4, accum_iter=2,
+                               log_every=100)
+    main(dataclasses.replace(base, out=str(tmp_path / "a")))
+    main(dataclasses.replace(base, out=str(tmp_path / "b"), stop_after=1))   # stops after optimizer step 1 of 3
+    main(dataclasses.replace(base, out=str(tmp_path / "b")))                 # resumes 2 micro-batches into the epoch
+    a, b = (torch.load(tmp_path / d / "checkpoint.pth", weights_only=True) for d in "ab")
+    assert a["step"] == b["step"] == 3
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+
+
 def run(*args):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
