@@ -10,13 +10,12 @@ Official code: https://github.com/weivision/Correlational-Image-Modeling (cited 
 From each search image, E exemplars are cut (random scale, shape and rotation) and a light decoder must find them:
 the target encoder (EMA of the online one) embeds the whole image (the context), the online encoder embeds each
 exemplar, one cross-attention block (context queries, exemplar keys/values) predicts a 2-class map per exemplar.
-Result: not measured here (official README.md:37: ViT-B/16, 300 ep + 100 ep fine-tune -> 83.1 ImageNet top-1).
-Docs: docs/cim_correlate.md (implementation map, differences from the release, presets, pictures).
-Sections: 1 config | 2 crop-and-correlate sampling | 3 loss, EMA | 4 model | 5 data | 6 training |
-7 appendix: ViT, ResNet-50 tokens, visualisation, argument checks.
+Result: ImageNet not measured here (official README.md:37: ViT-B/16 300 ep + 100 ep fine-tune -> 83.1 top-1).
+Docs (implementation map, differences from the release, pictures): docs/cim_correlate.md. Sections: 1 config |
+2 crop-and-correlate sampling | 3 loss, EMA | 4 model | 5 data | 6 training | 7 appendix (ViT, ResNet-50, viz, checks).
 """
-import copy
 import contextlib
+import copy
 import dataclasses
 import math
 import os
@@ -104,11 +103,10 @@ class Config:
             blr=1.5e-4, weight_decay=0.05,                    # scripts/dist_pretrain.sh:47
             batch_size=256,                                   # scripts/dist_pretrain.sh:72
             global_batch=4096, paper_batch=4096,              # 256 x 8 GPUs (docs/PRETRAIN.md:1) x accum 2 (sh:72)
-            exemplar_ratio_min=1 / 3, exemplar_ratio_max=3.0,   # tools/main_pretrain.py:69-72
+            exemplar_ratio_min=1 / 3, exemplar_ratio_max=3.0, min_lr=0.0,   # tools/main_pretrain.py:69-72, 90
             box_tries=10, box_rule="corner",                  # util/datasets.py:153, util/datasets.py:211
             amp="off",                                        # tools/main_pretrain.py:80 (--amp sets FP16, never amp)
             clip_grad=0.0,                                    # engines/pretrain_cim.py:66-74 (clips only under amp)
-            min_lr=0.0,                                       # tools/main_pretrain.py:90
             ema_momentum=0.99, freeze_patch_embed=True,       # models/cim.py:33-34
             decoder_dim=512, decoder_heads=16, decoder_mlp_ratio=4.0),   # models/cim.py:440-441
         "tiny": _TINY,   # CPU smoke run: the release's geometry scaled to 32 px (docs/cim_correlate.md#presets)
@@ -119,10 +117,9 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- 2. Crop-and-correlate sampling
-# Coordinates are grid_sample's normalised ones on the square search image: x right, y down, [-1, 1] edge to edge.
-# An exemplar is (angle t, centre c, half sizes (a, b)): the rectangle {c + u*a*e1 + v*b*e2 : |u|, |v| <= 1} with
-# e1 = (cos t, sin t), e2 = (-sin t, cos t), i.e. an axis-aligned crop of the image rotated counter-clockwise by t
-# (PIL's / torchvision's rotate convention, which the release uses: util/datasets.py:337).
+# Coordinates: grid_sample's normalised ones on the square search image (x right, y down, [-1, 1] edge to edge).
+# An exemplar is (angle t, centre c, half sizes (a, b)): the rectangle {c + u*a*e1 + v*b*e2 : |u|, |v| <= 1},
+# e1 = (cos t, sin t), e2 = (-sin t, cos t): an axis-aligned crop of the image rotated counter-clockwise by t.
 
 def uniform(shape, lo, hi, device, gen):
     return torch.rand(shape, device=device, generator=gen) * (hi - lo) + lo
@@ -406,8 +403,7 @@ def build_transform(cfg):
 # ----------------------------------------------------------------------------- 6. Training
 
 def release_no_decay(name, p):
-    """The release's weight-decay exemptions (timm 0.5.4 add_weight_decay, tools/main_pretrain.py:283): 1-D params
-    and biases only, so the cls token is decayed; fixed positions are buffers here, frozen weights are skipped."""
+    """Release's decay exemptions (tools/main_pretrain.py:283, timm 0.5.4): 1-D params and biases; cls token decayed."""
     return p.ndim <= 1 or name.endswith(".bias")
 
 
@@ -430,14 +426,12 @@ def save(cfg, raw_model, opt, scaler, epoch, step, rank, settings=None):
     """Checkpoint with both encoders: timm vit_* keys (ViT) or torchvision resnet50 keys without fc (ResNet-50)."""
     if rank:
         return
-
-    def enc(m):
-        return m.net.state_dict() if cfg.arch == "resnet50" else m.state_dict()
-
+    encoders = {n: (m.net if cfg.arch == "resnet50" else m).state_dict()
+                for n, m in (("online", raw_model.online), ("target", raw_model.target))}
     save_checkpoint({"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                      "step": step, "epoch": epoch, "rng": rng_state(), "config": dataclasses.asdict(cfg),
-                     "settings": settings, "encoder_args": raw_model.encoder_args, "default_encoder": "online",
-                     "encoders": {"online": enc(raw_model.online), "target": enc(raw_model.target)}},
+                     "settings": settings, "encoders": encoders, "encoder_args": raw_model.encoder_args,
+                     "default_encoder": "online"},
                     os.path.join(cfg.out, "checkpoint.pth"))
 
 
@@ -595,7 +589,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
                  drop_path=0.0):
         super().__init__()
-        self.patch_size, self.embed_dim, self.grid = patch_size, embed_dim, (img_size // patch_size,) * 2
+        self.patch_size, self.grid = patch_size, (img_size // patch_size,) * 2
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(3, embed_dim, patch_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
