@@ -121,10 +121,6 @@ class Config:
 # An exemplar is (angle t, centre c, half sizes (a, b)): the rectangle {c + u*a*e1 + v*b*e2 : |u|, |v| <= 1},
 # e1 = (cos t, sin t), e2 = (-sin t, cos t): an axis-aligned crop of the image rotated counter-clockwise by t.
 
-def uniform(shape, lo, hi, device, gen):
-    return torch.rand(shape, device=device, generator=gen) * (hi - lo) + lo
-
-
 def sample_boxes(B, E, cfg, device, gen=None):
     """The release's box recipe (util/datasets.py:148-178, 330-353), vectorised. Per exemplar: integer angle in
     [-rot, rot) degrees; box of area s * |image|, s ~ U[scale_min, scale_max], log-uniform aspect (first of
@@ -134,9 +130,10 @@ def sample_boxes(B, E, cfg, device, gen=None):
     Returns angle (B, E) radians, center (B, E, 2), half (B, E, 2) = (a, b), all normalised."""
     r, K = cfg.rotation, cfg.box_tries
     angle = torch.randint(-r, r + (r == 0), (B, E), device=device, generator=gen).float() * (math.pi / 180)
-    area = uniform((B, E, K), cfg.exemplar_scale_min, cfg.exemplar_scale_max, device, gen)
-    log_ratio = (math.log(cfg.exemplar_ratio_min), math.log(cfg.exemplar_ratio_max))
-    ratio = torch.exp(uniform((B, E, K), *log_ratio, device, gen))
+    lo, hi = cfg.exemplar_scale_min, cfg.exemplar_scale_max
+    area = torch.rand(B, E, K, device=device, generator=gen) * (hi - lo) + lo               # (B, E, K) area fraction
+    lo, hi = math.log(cfg.exemplar_ratio_min), math.log(cfg.exemplar_ratio_max)
+    ratio = torch.exp(torch.rand(B, E, K, device=device, generator=gen) * (hi - lo) + lo)   # log-uniform w / h
     w, h = (area * ratio).sqrt(), (area / ratio).sqrt()              # (B, E, K) fractions of the side
     fits = (w <= 1) & (h <= 1)
     first = fits.int().argmax(-1, keepdim=True)                      # (B, E, 1) first draw that fits
@@ -233,7 +230,7 @@ def augment_exemplars(x, gen=None, jitter=(0.4, 0.4, 0.2, 0.1), p_jitter=0.8, p_
     N, dev = x.shape[0], x.device
 
     def draw(lo, hi):                                                        # (N, 1, 1, 1), one draw per exemplar
-        return uniform((N, 1, 1, 1), lo, hi, dev, gen)
+        return torch.rand(N, 1, 1, 1, device=dev, generator=gen) * (hi - lo) + lo
 
     def grey(z):                                                             # (N, 1, h, w) luma
         return (z * z.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
@@ -698,3 +695,5 @@ def validate(cfg):
 
 if __name__ == "__main__":
     main(parse_config(Config))
+    if torch.distributed.is_initialized():   # clean exit: no collective threads left at interpreter shutdown
+        torch.distributed.destroy_process_group()
