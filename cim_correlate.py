@@ -37,13 +37,14 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, Progress, accum_steps, all_fini
 
 @dataclasses.dataclass
 class Config:
-    """Correlational Image Modeling pre-training. Defaults: the released ViT-B/16 script (scripts/dist_pretrain.sh)."""
+    """Correlational Image Modeling pre-training. Defaults: the released ViT-B/16 values (scripts/dist_pretrain.sh),
+    but bf16, clipping 1.0 and no accumulation; --preset vit_base_300ep is the released run."""
     data: str = "/imagenet"           # ImageFolder root with train/ (or a flat class-folder root); "synthetic" = smoke
     img_size: int = 224               # search image side (dist_pretrain.sh:44 --input_size)
     arch: str = "vit_base"            # ViT size, or resnet50 with our token neck (dist_pretrain.sh:25 vit_base_patch16)
     depth: int = 0                    # ViT depth override; 0 = the arch's depth
     patch_size: int = 16              # ViT patch (dist_pretrain.sh:25). ResNet-50 tokens are always at stride 16
-    preset: str = ""                  # tiny | small32 (CPU runs; stories in docs/cim_correlate.md)
+    preset: str = ""                  # vit_base_300ep (released run) | tiny | small32 (CPU; docs/cim_correlate.md)
     # crop-and-correlate sampling
     search_scale_min: float = 0.5     # RandomResizedCrop scale (min, 1) of the search image (dist_pretrain.sh:43)
     context_size: int = 160           # whole search image resized to this side = target input (dist_pretrain.sh:44)
@@ -110,8 +111,8 @@ class Config:
             ema_momentum=0.99, freeze_patch_embed=True,       # models/cim.py:33-34
             decoder_dim=512, decoder_heads=16, decoder_mlp_ratio=4.0),   # models/cim.py:440-441
         "tiny": _TINY,   # CPU smoke run: the release's geometry scaled to 32 px (docs/cim_correlate.md#presets)
-        "small32": {**_TINY, "batch_size": 64, "epochs": 16, "warmup_epochs": 1, "log_every": 10,   # CPU, 32 px
-                    "workers": 2, "blr": 4e-3, "exemplar_scale_min": 0.15},                     # real images (docs)
+        "small32": {**_TINY, "batch_size": 64, "epochs": 16, "warmup_epochs": 1, "log_every": 10, "workers": 2,
+                    "blr": 4e-3, "exemplar_scale_min": 0.15},   # CPU, 32 px real images (docs/cim_correlate.md#presets)
     }
     PAPER_ROWS = {"vit_base_300ep": "ViT-B/16 300 ep -> 83.1 top-1 after 100 ep fine-tuning (README.md:37@f00e35a)"}
 
