@@ -1,16 +1,17 @@
 """
 cim_corrupt.py - Corrupted Image Modeling (CIM) pre-training in one file: BEiT generator, frozen dVAE, enhancer.
 Paper: Fang et al., "Corrupted Image Modeling for Self-Supervised Visual Pre-Training", arXiv 2202.03382 (ICLR 2023).
-No official code is public: this file follows the paper's abstract, Sec. 1 and the start of Sec. 2.1 (the text we
-hold), BEiT and the DALL-E dVAE; what that text leaves open is a flag, listed in docs/cim_corrupt.md.
+No official code: built from the paper's abstract, Sec. 1 and start of Sec. 2.1 (the text we hold), BEiT and DALL-E's
+dVAE; what that text leaves open is a flag (docs/cim_corrupt.md).
 
     python cim_corrupt.py --data /imagenet --dvae-encoder encoder.pkl --dvae-decoder decoder.pkl --trust-pickle
-    torchrun --nproc_per_node 8 cim_corrupt.py --data /imagenet --tokenizer out/cim_corrupt/tokenizer.pth
+    torchrun --nproc_per_node 8 cim_corrupt.py --preset vit_base_300ep --data /imagenet --tokenizer OUT/tokenizer.pth
     python cim_corrupt.py --preset tiny --data synthetic --out out/cim_tiny      # CPU smoke test, random dVAE
 
 Result: not measured on ImageNet (no GPU run yet); small-image runs and their pictures are in docs/cim_corrupt.md.
 Sections: 1 config | 2 corruption | 3 losses | 4 model | 5 data | 6 training | 7 appendix: ViT, dVAE, viz, checks.
 """
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -27,9 +28,9 @@ from torchvision import transforms
 from torchvision.ops import stochastic_depth
 from torchvision.utils import save_image
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, Progress, build_dataset, build_loader, cosine_schedule, fail,
-                    log_json, param_groups, parse_config, prepare_out, print0, resume, rng_state, save_checkpoint,
-                    seed_all, setup_dist)
+from common import (IMAGENET_MEAN, IMAGENET_STD, Progress, accum_steps, all_finite, batch_warning, build_dataset,
+                    build_loader, cosine_schedule, fail, log_json, param_groups, parse_config, prepare_out, print0,
+                    resume, rng_state, run_settings, save_checkpoint, seed_all, setup_dist)
 
 
 # ----------------------------------------------------------------------------- 1. Config
@@ -43,12 +44,12 @@ class Config:
     depth: int = 0                # ViT enhancer depth override; 0 = the arch's depth
     patch_size: int = 16          # token stride: ViT patch = generator patch = one dVAE cell; ResNet sees 16 px/token
     pos_embed: str = "none"       # ViT absolute positions: none (BEiT pre-training) | learned
-    rel_pos: str = "shared"       # ViT relative position bias: shared (one table, BEiT pre-training) | none
     init_values: float = 0.1      # ViT layer scale (BEiT base); 0 = off
     drop_path: float = 0.1        # stochastic depth of the enhancer and generator ViTs (BEiT base)
     objective: str = "respix"     # respix: regress all original pixels | revdet: replaced-or-not per token (Sec. 1)
-    lam: float = 1.0              # L = L_gen + lam * L_enh (open choice)
+    lam: float = 1.0              # L = L_gen + lam * L_enh (open choice); acts on shared blocks, else = enhancer clip
     respix_window: int = 8        # side of the sliding window that normalises ResPix targets (open choice)
+    respix_eps: float = 0.01      # variance floor of a ResPix window, normalised units (bounds flat-window targets)
     respix_l1: float = 0.5        # ResPix loss = w * L1 + (1 - w) * L2 (open choice: between SimMIM's L1, MAE's L2)
     gen_depth: int = 4            # generator ("small BEiT", abstract) blocks (open choice)
     gen_dim: int = 0              # 0 = enhancer width (ViT) or 768 (ResNet-50); heads = dim / 64
@@ -70,6 +71,9 @@ class Config:
     # optimisation (BEiT ImageNet-1k pre-training command, microsoft/unilm/beit/README.md@9a6a8a1)
     epochs: int = 300             # CIM: 300 (the presets' paper rows)
     batch_size: int = 128         # per GPU (BEiT: 128 x 16 GPUs = 2048)
+    accum_iter: int = 1           # micro-batches per optimizer step (ResNet-50: BatchNorm sees micro-batches, inexact)
+    global_batch: int = 0         # 0 = batch_size x GPUs x accum_iter; else accum_iter = global / (batch_size x GPUs)
+    paper_batch: int = 0          # the recipe's global batch (presets set it): warn when >2x away
     blr: float = 1.875e-4         # lr = blr * global batch / 256: 1.5e-3 at 2048 (BEiT)
     min_lr: float = 1e-5          # cosine floor (BEiT)
     warmup_epochs: int = 10       # BEiT
@@ -85,15 +89,20 @@ class Config:
     log_every: int = 50           # progress line every N steps
     stop_after: int = 0           # exit after N steps of this run with a resumable checkpoint; 0 = off
     viz_every: int = 0            # PNG every N epochs: original | dVAE recon | corrupted | replaced | output; 0 = off
-    preset: str = ""              # tiny | small32 (docs/cim_corrupt.md)
+    preset: str = ""              # vit_base_300ep | resnet50_300ep (paper rows) | tiny | small32 (docs/cim_corrupt.md)
+    paper_row: str = ""           # the paper row a preset reproduces, printed in the recipe line
 
     CHOICES = {"arch": ("vit_tiny", "vit_base", "resnet50"), "objective": ("respix", "revdet"),
-               "amp": ("bf16", "fp16", "off"), "pos_embed": ("none", "learned"), "rel_pos": ("shared", "none")}
+               "amp": ("bf16", "fp16", "off"), "pos_embed": ("none", "learned")}
     # tiny: CPU smoke test with a random dVAE (docs/cim_corrupt.md, "Small presets")
     _TINY = dict(arch="vit_tiny", img_size=32, patch_size=4, batch_size=8, device="cpu", workers=0, epochs=1,
                  log_every=1, warmup_epochs=0, drop_path=0.0, blr=1.5e-2, gen_depth=2, gen_dim=192, tokenizer="random",
                  tok_vocab=512, tok_hid=64, tok_blocks=1, respix_window=4)
+    _PAPER = dict(epochs=300, global_batch=2048, paper_batch=2048)
     PRESETS = {
+        # paper rows (epochs, top-1 are not in the paper text we hold); batch 2048 etc.: BEiT's recipe (docs)
+        "vit_base_300ep": dict(_PAPER, arch="vit_base", paper_row="ViT-B/16 300 ep -> 83.3 top-1 (not in our text)"),
+        "resnet50_300ep": dict(_PAPER, arch="resnet50", paper_row="ResNet-50 300 ep -> 80.6 top-1 (not in our text)"),
         "tiny": _TINY,
         # small32: 32x32 real images, trains its own dVAE first (docs/cim_corrupt.md, "Small presets")
         "small32": dict(_TINY, tokenizer="", train_tokenizer=True, tok_hid=16, tok_epochs=4, tok_lr=3e-3,
@@ -120,8 +129,9 @@ def corrupt_tokens(ids, mask, sampled):
     return corrupt_ids, corrupt_ids != ids
 
 
-def window_norm(x, k, eps=1e-6):
-    """ResPix target: pixels normalised by mean / std of their k x k window (reflect pad). -> target, mean, std"""
+def window_norm(x, k, eps=0.01):
+    """ResPix target: pixels normalised by mean / std of their k x k window (reflect pad). -> target, mean, std.
+    eps floors the variance: with 1e-6 a flat window with one pixel off by one grey level gives a target of 7."""
     xp = F.pad(x.float(), (k // 2, (k - 1) // 2, k // 2, (k - 1) // 2), mode="reflect")
     mean = F.avg_pool2d(xp, k, stride=1)
     std = (F.avg_pool2d(xp * xp, k, stride=1) - mean * mean).clamp(min=0).add(eps).sqrt()
@@ -157,7 +167,6 @@ def revdet_loss(logits, replaced):
 # ----------------------------------------------------------------------------- 4. Model
 class CIM(nn.Module):
     """Generator (small BEiT + lm head) and enhancer (ViT or ResNet-50 + per-token head); forward -> (loss, logs)."""
-
     def __init__(self, cfg, tokenizer):
         super().__init__()
         object.__setattr__(self, "tokenizer", tokenizer)   # frozen, no submodule: out of state_dict, optimizer, DDP
@@ -170,32 +179,31 @@ class CIM(nn.Module):
         else:
             D, depth, heads = VIT_SIZES[cfg.arch]
             kw = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=D, depth=cfg.depth or depth,
-                      num_heads=heads, pos_embed=cfg.pos_embed, rel_pos=cfg.rel_pos,
-                      init_values=cfg.init_values or None)
+                      num_heads=heads, pos_embed=cfg.pos_embed, init_values=cfg.init_values or None)
             self.enhancer, self.enh_size = VisionTransformer(**kw, drop_path=cfg.drop_path), cfg.img_size
-            self.encoder_args = {"arch": "vit", **kw}
+            self.encoder_args = {"arch": "vit", **kw, "rel_pos": "shared"}   # what finetune.py builds
         self.P = self.enh_size // self.grid                                # enhancer pixels per token side
         self.enhancer_head = nn.Linear(D, 3 * self.P ** 2 if cfg.objective == "respix" else 1)   # per token
         Dg = cfg.gen_dim or (D if cfg.arch != "resnet50" else 768)
         self.generator = VisionTransformer(cfg.img_size, cfg.patch_size, Dg, cfg.gen_depth, Dg // 64, cfg.pos_embed,
-                                           cfg.rel_pos, cfg.init_values or None, cfg.drop_path)
-        if cfg.gen_share_blocks:   # the same module objects: one set of weights, trained by both losses
-            self.generator.patch_embed = self.enhancer.patch_embed
-            for i in range(cfg.gen_share_blocks):
-                self.generator.blocks[i] = self.enhancer.blocks[i]
+                                           cfg.init_values or None, cfg.drop_path)
         self.generator_mask_token = nn.Parameter(torch.zeros(1, 1, Dg))   # weight-decayed, as in BEiT
         self.generator_head = nn.Linear(Dg, tokenizer.vocab_size)         # BEiT's lm_head
-        nn.init.trunc_normal_(self.generator_mask_token, std=0.02)
-        nn.init.trunc_normal_(self.generator_head.weight, std=0.02)
+        beit_init(self.generator, self.generator_mask_token, self.generator_head)   # init the small BEiT as BEiT
+        for i in range(cfg.gen_share_blocks):   # the same module objects: one set of weights, trained by both losses
+            self.generator.patch_embed, self.generator.blocks[i] = self.enhancer.patch_embed, self.enhancer.blocks[i]
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def param_sets(self):   # (generator, enhancer) parameters, clipped separately; shared blocks count as enhancer
+        named = list(self.named_parameters())   # a shared parameter appears once, under its enhancer name
+        return [p for n, p in named if not n.startswith("enhancer")], [p for n, p in named if n.startswith("enhancer")]
 
     def normalize(self, x01):
         return (x01 - self.mean) / self.std
 
     def corrupt(self, x01):
-        """Sec. 2.1: tokenize, mask, let the generator predict, sample replacements, decode the mixed grid. x01 (B, 3,
-        H, W) in [0, 1] -> ids, mask, corrupt_ids, replaced (B, N), logits (B, N, V), corrupted (B, 3, S, S)"""
+        """Sec. 2.1: tokenize, mask, generator predicts, sample replacements, decode the mixed grid -> dict"""
         cfg, B, g, dev = self.cfg, x01.shape[0], self.grid, x01.device
         with torch.no_grad(), torch.autocast(dev.type, enabled=False):   # frozen dVAE, float32
             ids = self.tokenizer.encode(resize(x01.float(), self.tok_size).clamp(0, 1)).flatten(1)   # (B, N) "golden"
@@ -231,7 +239,8 @@ class CIM(nn.Module):
         loss_gen, out = mim_loss(c["logits"], c["ids"], c["mask"]), self.enhance(c["corrupted"])
         if self.cfg.objective == "respix":
             with torch.no_grad():
-                target = window_norm(self.normalize(resize(x01, self.enh_size)), self.cfg.respix_window)[0]
+                target = window_norm(self.normalize(resize(x01, self.enh_size)), self.cfg.respix_window,
+                                     self.cfg.respix_eps)[0]
             loss_enh = respix_loss(self.unpatchify(out.float()), target, self.cfg.respix_l1)
         else:
             loss_enh = revdet_loss(out[..., 0], c["replaced"])
@@ -244,7 +253,7 @@ class CIM(nn.Module):
 # ----------------------------------------------------------------------------- 5. Data
 def build_transform(cfg):
     """BEiT: crop 0.08-1 bicubic, flip, ColorJitter 0.4 (after the crop: cheaper) -> uint8; other views on device."""
-    crop = transforms.RandomResizedCrop(cfg.img_size, scale=(cfg.crop_min_scale, 1.0),
+    crop = transforms.RandomResizedCrop(cfg.img_size, (cfg.crop_min_scale, 1.0),
                                         interpolation=transforms.InterpolationMode.BICUBIC)
     return transforms.Compose([crop, transforms.RandomHorizontalFlip(), transforms.ColorJitter(0.4, 0.4, 0.4),
                                transforms.PILToTensor()])
@@ -278,16 +287,6 @@ def train_tokenizer(cfg, rank, world, device, path):
         torch.distributed.barrier()   # the other ranks load the file next
 
 
-def save(cfg, raw_model, opt, scaler, epoch, step, rank):
-    layout = dict if cfg.arch == "resnet50" else to_timm_layout   # torchvision keys (no fc.*) or timm keys
-    if rank == 0:   # "encoders" / "encoder_args" / "default_encoder": what finetune.py loads
-        save_checkpoint({"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                         "step": step, "epoch": epoch, "rng": rng_state(), "config": dataclasses.asdict(cfg),
-                         "encoders": {"enhancer": layout(raw_model.enhancer.state_dict())},
-                         "encoder_args": raw_model.encoder_args, "default_encoder": "enhancer"},
-                        os.path.join(cfg.out, "checkpoint.pth"))
-
-
 def main(cfg):
     validate(cfg)
     rank, world, device = setup_dist(cfg.device)
@@ -295,6 +294,8 @@ def main(cfg):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # also for the fp32 dVAE
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if device.type == "cuda" else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    accum = accum_steps(cfg.global_batch, cfg.batch_size, world, cfg.accum_iter)
+    global_batch = cfg.batch_size * world * accum
     prepare_out(cfg.out, cfg, __file__)
     if cfg.train_tokenizer:                                            # METHOD: own dVAE where DALL-E's is unavailable
         cfg.tokenizer = os.path.join(cfg.out, "tokenizer.pth")
@@ -307,46 +308,71 @@ def main(cfg):
         save_checkpoint(tokenizer.state(), os.path.join(cfg.out, "tokenizer.pth"))
     dataset = build_dataset(cfg.data, "train", build_transform(cfg), cfg.img_size)
     loader = build_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device)
-    steps_per_epoch = min(len(loader), cfg.steps_per_epoch or len(loader))
+    steps_per_epoch = min(len(loader) // accum, cfg.steps_per_epoch or len(loader))   # optimizer steps
+    if steps_per_epoch == 0:   # one error line instead of a division by zero below
+        fail(f"one epoch has {len(loader)} micro-batches per GPU, fewer than --accum-iter {accum}")
     total_steps = cfg.epochs * steps_per_epoch
     raw_model = CIM(cfg, tokenizer).to(device, memory_format=torch.channels_last if cfg.arch == "resnet50" else None)
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    lr = cfg.blr * cfg.batch_size * world / 256
-    print0(f"lr = {cfg.blr} * {cfg.batch_size} * {world} / 256 = {lr:.2e}; {raw_model.grid}^2 tokens, tokenizer view "
-           f"{raw_model.tok_size}px, {cfg.arch} enhancer at {raw_model.enh_size}px")
+    lr = cfg.blr * global_batch / 256
+    print0(f"recipe: {cfg.preset or 'defaults'} | global batch {global_batch} = {cfg.batch_size} x {world} GPUs x "
+           f"{accum} accum | peak lr {lr:.2e} = blr {cfg.blr} x {global_batch} / 256 | {steps_per_epoch} steps/epoch | "
+           f"no EMA | mask {cfg.mask_ratio:g} random of {raw_model.grid}^2 tokens | {cfg.objective}, lam {cfg.lam:g} | "
+           f"{cfg.amp if amp_dtype else 'fp32'}" + (f" | paper row: {cfg.paper_row}" if cfg.paper_row else ""))
+    batch_warning(global_batch, cfg.paper_batch, steps_per_epoch)
     opt = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=lr, betas=(0.9, 0.999),
                             fused=device.type == "cuda")
     lr_sched = cosine_schedule(lr, cfg.min_lr, total_steps, cfg.warmup_epochs * steps_per_epoch)
-    start = resume(cfg.out, raw_model, opt, scaler, rank, cfg.seed)
-    progress, last = Progress(total_steps, cfg.batch_size * world, cfg.log_every), {}
+    settings = dict(run_settings(cfg, __file__, ("arch", "epochs", "img_size", "patch_size", "objective", "blr")),
+                    global_batch=global_batch)
+    start = resume(cfg.out, raw_model, opt, scaler, rank, cfg.seed, settings=settings)
+
+    def save(step):   # "encoders" / "encoder_args" / "default_encoder": what finetune.py loads
+        layout = dict if cfg.arch == "resnet50" else to_timm_layout   # torchvision keys (no fc.*) or timm beit_* keys
+        if rank == 0:
+            save_checkpoint({"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                             "scaler": scaler.state_dict(), "epoch": epoch, "rng": rng_state(), "settings": settings,
+                             "config": dataclasses.asdict(cfg), "default_encoder": "enhancer",
+                             "encoders": {"enhancer": layout(raw_model.enhancer.state_dict())},
+                             "encoder_args": raw_model.encoder_args}, os.path.join(cfg.out, "checkpoint.pth"))
+
+    progress, last = Progress(total_steps, global_batch, cfg.log_every), {}
     for epoch in range(start // steps_per_epoch, cfg.epochs):
         loader.sampler.set_epoch(epoch)
-        loader.sampler.start_step = first = start % steps_per_epoch if epoch == start // steps_per_epoch else 0
+        first = start % steps_per_epoch if epoch == start // steps_per_epoch else 0
+        loader.sampler.start_step = first * accum                      # the sampler counts micro-batches
+        batches = iter(itertools.islice(loader, (steps_per_epoch - first) * accum))
         raw_model.train()
-        for i, (images, _) in enumerate(itertools.islice(loader, steps_per_epoch - first), start=first):
-            it = epoch * steps_per_epoch + i
+        for i in range(first, steps_per_epoch):
+            it = epoch * steps_per_epoch + i                           # optimizer steps index every schedule
             for g in opt.param_groups:
                 g["lr"] = lr_sched[it]
-            images = images.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, logs = model(images)                             # METHOD: corrupt, enhance, L_gen + lam * L_enh
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.clip_grad > 0:
+            logs = {}                                                  # means over the micro-batches
+            for j in range(accum):
+                images = next(batches)[0].to(device, non_blocking=True)
+                sync = model.no_sync() if world > 1 and j < accum - 1 else contextlib.nullcontext()
+                with sync:                                             # DDP all-reduces on the last micro-batch only
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        loss, parts = model(images)                    # METHOD: corrupt, enhance, L_gen + lam * L_enh
+                    scaler.scale(loss / accum).backward()
+                logs = {k: logs.get(k, 0) + v.detach() / accum for k, v in {"loss": loss, **parts}.items()}
+            if cfg.clip_grad > 0:                                      # METHOD: each network clipped on its own
                 scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
-            scaler.step(opt)
+                for params in raw_model.param_sets():
+                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+            scaler.step(opt)                                           # skipped on inf/NaN grads (fp16); no EMA here
             scaler.update()
-            vals = progress.step(it, epoch, {"loss": loss, **logs}, lr_sched[it])
+            vals = progress.step(it, epoch, logs, lr_sched[it])
             last = vals or last
-            if (vals is not None or i + 1 == steps_per_epoch) and not math.isfinite(loss.item()):   # before any save
-                fail(f"loss is {loss.item()} at step {it + 1}; last good checkpoint kept in {cfg.out}")
+            if (vals is not None or i + 1 == steps_per_epoch) and not all_finite(torch.isfinite(logs["loss"])):
+                fail(f"loss is not finite at step {it + 1}; last good checkpoint kept in {cfg.out}")   # before a save
             if cfg.stop_after and it + 1 - start >= cfg.stop_after:
-                save(cfg, raw_model, opt, scaler, epoch, it + 1, rank)
+                save(it + 1)
                 return print0(f"stopping after {cfg.stop_after} steps; run the same command again to resume")
-        save(cfg, raw_model, opt, scaler, epoch, it + 1, rank)
+        save(it + 1)
         log_json(cfg.out, {"epoch": epoch, "step": it + 1, **last})
         if cfg.viz_every and (epoch + 1) % cfg.viz_every == 0 and rank == 0:
             visualize(raw_model, images, os.path.join(cfg.out, f"viz_epoch{epoch}.png"))   # METHOD
@@ -360,7 +386,6 @@ VIT_SIZES = {"vit_tiny": (192, 12, 3), "vit_base": (768, 12, 12)}   # (width, de
 
 class RelPosBias(nn.Module):
     """BEiT's shared relative position bias: a value per head and 2-D offset (+3 rows: cls->tok, tok->cls, cls->cls)."""
-
     def __init__(self, grid, num_heads):
         super().__init__()
         h, w, num = *grid, (2 * grid[0] - 1) * (2 * grid[1] - 1)
@@ -376,51 +401,33 @@ class RelPosBias(nn.Module):
         return self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)  # (nh, 1+N, 1+N)
 
 
-class Attention(nn.Module):
-    def __init__(self, dim, num_heads):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x, bias=None):   # x (B, L, D), bias (nh, L, L) or None -> (B, L, D)
-        B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)   # 3 x (B, nh, L, hd)
-        bias = None if bias is None else bias.to(q.dtype).unsqueeze(0)   # (1, nh, L, L), broadcast over the batch
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)      # (B, nh, L, hd)
-        return self.proj(x.transpose(1, 2).reshape(B, L, D))
-
-
-class LayerScale(nn.Module):
-    def __init__(self, dim, init_values):
-        super().__init__()
-        self.gamma = nn.Parameter(init_values * torch.ones(dim))
-
-    def forward(self, x):
-        return x * self.gamma
-
-
 class Block(nn.Module):
+    """Pre-norm transformer block: attention with the shared relative bias, MLP, BEiT's layer scale, drop path."""
     def __init__(self, dim, num_heads, init_values=None, drop_path=0.0):
         super().__init__()
+        self.num_heads, self.drop_path = num_heads, drop_path
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
-        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.attn = nn.ModuleDict(dict(qkv=nn.Linear(dim, 3 * dim), proj=nn.Linear(dim, dim)))   # timm's attn.* keys
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, 4 * dim), act=nn.GELU(), fc2=nn.Linear(4 * dim, dim)))
-        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.drop_path = drop_path
+        self.gamma_1 = nn.Parameter(init_values * torch.ones(dim)) if init_values else 1.0   # BEiT's layer scale
+        self.gamma_2 = nn.Parameter(init_values * torch.ones(dim)) if init_values else 1.0
 
-    def forward(self, x, bias=None):   # (B, L, D) -> (B, L, D); drop path removes a sample's residual branch
-        x = x + stochastic_depth(self.ls1(self.attn(self.norm1(x), bias)), self.drop_path, "row", self.training)
-        return x + stochastic_depth(self.ls2(self.mlp(self.norm2(x))), self.drop_path, "row", self.training)
+    def attend(self, x, bias):   # x (B, L, D), bias (nh, L, L) -> (B, L, D)
+        B, L, D = x.shape
+        q, k, v = self.attn.qkv(x).view(B, L, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)   # 3 x (B, nh, L, hd)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))             # (B, nh, L, hd)
+        return self.attn.proj(x.transpose(1, 2).reshape(B, L, D))
+
+    def forward(self, x, bias):   # (B, L, D) -> (B, L, D); drop path removes a sample's residual branch
+        x = x + stochastic_depth(self.gamma_1 * self.attend(self.norm1(x), bias), self.drop_path, "row", self.training)
+        return x + stochastic_depth(self.gamma_2 * self.mlp(self.norm2(x)), self.drop_path, "row", self.training)
 
 
 class VisionTransformer(nn.Module):
     """BEiT-style ViT (timm names) for the enhancer and the generator. forward(images) -> (B, 1+N, D), cls first."""
-
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, pos_embed="none",
-                 rel_pos="shared", init_values=None, drop_path=0.0):
+                 init_values=None, drop_path=0.0):
         super().__init__()
         self.patch_size, self.grid = patch_size, (img_size // patch_size,) * 2
         self.patch_embed = nn.Module()
@@ -429,14 +436,11 @@ class VisionTransformer(nn.Module):
         self.pos_embed = None
         if pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], embed_dim))
-            nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.rel_pos_bias = RelPosBias(self.grid, num_heads) if rel_pos == "shared" else None
+        self.rel_pos_bias = RelPosBias(self.grid, num_heads)   # BEiT pre-training: one table for all blocks
         dpr = [drop_path * i / max(depth - 1, 1) for i in range(depth)]   # linearly increasing stochastic depth
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, init_values, dpr[i]) for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.apply(mae_init)
-        nn.init.xavier_uniform_(self.patch_embed.proj.weight.view(embed_dim, -1))  # MAE: patch embed as a linear
-        nn.init.normal_(self.cls_token, std=0.02)
+        beit_init(self)   # BEiT's pre-training ViT, BEiT's init
 
     def patchify(self, images):   # (B, 3, H, W) -> (B, N, D)
         return self.patch_embed.proj(images).flatten(2).transpose(1, 2)
@@ -445,7 +449,7 @@ class VisionTransformer(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)   # (B, 1+N, D)
         if self.pos_embed is not None:
             x = x + self.pos_embed
-        bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None   # (nh, 1+N, 1+N)
+        bias = self.rel_pos_bias()                                              # (nh, 1+N, 1+N)
         for blk in self.blocks:
             x = blk(x, bias)
         return self.norm(x)
@@ -454,29 +458,31 @@ class VisionTransformer(nn.Module):
         return self.forward_tokens(self.patchify(images))
 
 
-def mae_init(m):   # MAE-style init: xavier-uniform linears, zero biases, unit LayerNorms
-    if isinstance(m, nn.Linear):
-        nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
+def beit_init(vit, mask_token=None, head=None):
+    """BEiT: trunc-normal(0.02, cut at +-0.02) weights, zero biases, unit LayerNorms, then attn.proj and mlp.fc2 of
+    block l divided by sqrt(2 l) (microsoft/unilm/beit/modeling_pretrain.py:70-84@cb36605)."""
+    for m in [*vit.modules(), *([head] if head is not None else [])]:
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=0.02, a=-0.02, b=0.02), nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
+    for t in [t for t in (vit.cls_token, vit.pos_embed, mask_token) if t is not None]:
+        nn.init.trunc_normal_(t, std=0.02, a=-0.02, b=0.02)
+    for layer, blk in enumerate(vit.blocks, start=1):
+        blk.attn.proj.weight.data.div_(math.sqrt(2 * layer)), blk.mlp.fc2.weight.data.div_(math.sqrt(2 * layer))
 
 
 def to_timm_layout(sd):
-    """Enhancer keys -> timm's. Without a relative bias they already match vit_*; with it, timm's beit_* layout: the
-    shared table copied into every block (as BEiT fine-tuning does), qkv.bias split into q_bias / v_bias (the k bias
-    is dropped: softmax ignores a per-query constant), ls{1,2}.gamma -> gamma_{1,2}."""
+    """Enhancer keys -> timm's beit_*: the shared table copied into every block (as BEiT fine-tuning does), qkv.bias
+    split into q_bias / v_bias (the k bias is dropped: softmax ignores a per-query constant)."""
     sd = dict(sd)
-    table = sd.pop("rel_pos_bias.relative_position_bias_table", None)
-    if table is None:
-        return sd
+    table = sd.pop("rel_pos_bias.relative_position_bias_table")
     for k in [k for k in sd if k.startswith("blocks.")]:
         b, v = k[:k.index(".", 7) + 1], sd.pop(k)   # b = "blocks.{i}."
         if k.endswith("attn.qkv.bias"):
             sd[b + "attn.q_bias"], _, sd[b + "attn.v_bias"] = v.chunk(3)
         else:
-            sd[re.sub(r"ls(\d)\.gamma$", r"gamma_\1", k)] = v
+            sd[k] = v
         if k.endswith("norm1.weight"):
             sd[b + "attn.relative_position_bias_table"] = table.clone()
     return sd
@@ -496,7 +502,6 @@ def unmap_pixels(x):   # the inverse, clamped to [0, 1] (dall_e.unmap_pixels)
 
 class Conv(nn.Module):
     """dall_e.utils.Conv2d: .w (out, in, k, k), .b, 'same' padding. Always float32 (dall_e uses fp16 on CUDA)."""
-
     def __init__(self, n_in, n_out, k):
         super().__init__()
         self.w = nn.Parameter(torch.randn(n_out, n_in, k, k) / math.sqrt(n_in * k * k))
@@ -508,7 +513,6 @@ class Conv(nn.Module):
 
 class DVAEBlock(nn.Module):
     """dall_e EncoderBlock (kernels 3,3,3,1) / DecoderBlock (1,3,3,3): id_path + post_gain * res_path(relu-conv x4)."""
-
     def __init__(self, n_in, n_out, n_layers, kernels):
         super().__init__()
         ch = [n_in, n_out // 4, n_out // 4, n_out // 4, n_out]
@@ -533,14 +537,11 @@ def dvae_blocks(c_in, c_first, k_in, widths, n_blk, kernels, resample, c_out):
     return nn.Sequential(OrderedDict(layers + [("output", out)]))
 
 
-class DVAEEncoder(nn.Module):   # dall_e.Encoder: map_pixels'd (B, 3, H, W) -> logits (B, V, H/8, W/8)
-    def __init__(self, n_hid=256, n_blk_per_group=2, vocab_size=8192, input_channels=3):
-        super().__init__()
-        self.blocks = dvae_blocks(input_channels, n_hid, 7, [n_hid * m for m in (1, 2, 4, 8)], n_blk_per_group,
-                                  (3, 3, 3, 1), lambda: ("pool", nn.MaxPool2d(2)), vocab_size)
-
-    def forward(self, x):
-        return self.blocks(x.float())
+def dvae_encoder(n_hid=256, n_blk_per_group=2, vocab_size=8192, input_channels=3):
+    """dall_e.Encoder: map_pixels'd (B, 3, H, W) float32 -> logits (B, V, H/8, W/8)"""
+    blocks = dvae_blocks(input_channels, n_hid, 7, [n_hid * m for m in (1, 2, 4, 8)], n_blk_per_group, (3, 3, 3, 1),
+                         lambda: ("pool", nn.MaxPool2d(2)), vocab_size)
+    return nn.Sequential(OrderedDict(blocks=blocks))
 
 
 class DVAEDecoder(nn.Module):   # dall_e.Decoder: one-hot / probs (B, V, h, w) or ids (B, h, w) -> (B, 6, 8h, 8w)
@@ -560,10 +561,9 @@ class DVAEDecoder(nn.Module):   # dall_e.Decoder: one-hot / probs (B, V, h, w) o
 
 class Tokenizer(nn.Module):
     """Frozen dVAE: encode [0, 1] images -> ids (argmax, x8 smaller); decode ids / probs -> [0, 1] (as BEiT does)."""
-
     def __init__(self, enc_args, dec_args, size=0):
         super().__init__()
-        self.encoder, self.decoder = DVAEEncoder(**enc_args), DVAEDecoder(**dec_args)
+        self.encoder, self.decoder = dvae_encoder(**enc_args), DVAEDecoder(**dec_args)
         self.args, self.vocab_size = {"encoder": enc_args, "decoder": dec_args, "size": size}, dec_args["vocab_size"]
 
     def encode(self, x01):   # (B, 3, S, S) -> (B, S/8, S/8) long
@@ -595,12 +595,13 @@ def new_tokenizer(cfg, size=0):
 def read_dvae_file(path, trust_pickle):
     """A plain state dict or tokenizer file (weights_only), or with --trust-pickle a pickled dall_e module."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError:
-        if not trust_pickle:
-            fail(f"{path} is not a plain weights file (a pickled module such as DALL-E's encoder.pkl, or not a "
-                 "checkpoint at all). Unpickling runs code from the file: pass --trust-pickle if you trust its source")
-        obj = torch.load(path, map_location="cpu", weights_only=False)   # DALL-E's: pip install --no-deps DALL-E attrs
+        fail(f"{path} is not a plain weights file (a pickled module such as DALL-E's encoder.pkl, or not a "
+             "checkpoint at all). Unpickling runs code from the file: pass --trust-pickle if you trust its source")
+    except ModuleNotFoundError as e:   # DALL-E's .pkl files are dall_e modules
+        fail(f"{path} is a pickled module that needs the Python package '{e.name}' (DALL-E's files: "
+             "pip install --no-deps DALL-E attrs)")
     except Exception as e:
         fail(f"cannot read tokenizer file {path}: {str(e).splitlines()[0]}")
     return obj.state_dict() if isinstance(obj, nn.Module) else obj
@@ -656,7 +657,7 @@ def visualize(m, images, path):
     B, c = x01.shape[0], m.eval().corrupt(x01)
     out = m.enhance(c["corrupted"]).float()
     if m.cfg.objective == "respix":
-        _, mean, std = window_norm(m.normalize(resize(x01, m.enh_size)), m.cfg.respix_window)
+        _, mean, std = window_norm(m.normalize(resize(x01, m.enh_size)), m.cfg.respix_window, m.cfg.respix_eps)
         pred = (m.unpatchify(out) * std + mean) * m.std + m.mean
     else:
         pred = torch.sigmoid(out[..., 0]).view(B, 1, g, g).expand(-1, 3, -1, -1)
@@ -684,8 +685,8 @@ def validate(cfg):
     if Dg % 64 or K and (not depth or Dg != D or K > min(cfg.gen_depth, cfg.depth or depth)):
         fail("--gen-dim must be a multiple of 64 (heads of width 64); --gen-share-blocks K needs a ViT enhancer of the "
              "generator's width and K <= both depths")
-    if cfg.train_tokenizer and cfg.tokenizer == "random":   # a preset's smoke default gives way to training
-        cfg.tokenizer = ""
+    if cfg.tokenizer == "random" and (cfg.train_tokenizer or cfg.dvae_encoder or cfg.dvae_decoder):
+        cfg.tokenizer = ""   # a preset's smoke-test default gives way to a real tokenizer
     if sum([bool(cfg.tokenizer), bool(cfg.dvae_encoder and cfg.dvae_decoder), cfg.train_tokenizer]) != 1 or \
             bool(cfg.dvae_encoder) != bool(cfg.dvae_decoder):
         fail("give exactly one tokenizer: --tokenizer PATH (from --train-tokenizer), --dvae-encoder E --dvae-decoder D "
