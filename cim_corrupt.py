@@ -47,7 +47,7 @@ class Config:
     init_values: float = 0.1      # ViT layer scale (BEiT base); 0 = off
     drop_path: float = 0.1        # stochastic depth of the enhancer and generator ViTs (BEiT base)
     objective: str = "respix"     # respix: regress all original pixels | revdet: replaced-or-not per token (Sec. 1)
-    lam: float = 1.0              # L = L_gen + lam * L_enh (open choice); acts on shared blocks, else = enhancer clip
+    lam: float = 1.0              # L_gen + lam * L_enh (open choice); matters only with --gen-share-blocks or clipping
     respix_window: int = 8        # side of the sliding window that normalises ResPix targets (open choice)
     respix_eps: float = 0.01      # variance floor of a ResPix window, normalised units (bounds flat-window targets)
     respix_l1: float = 0.5        # ResPix loss = w * L1 + (1 - w) * L2 (open choice: between SimMIM's L1, MAE's L2)
@@ -69,7 +69,7 @@ class Config:
     tok_lr: float = 1e-3          # absolute AdamW lr of dVAE training (1 epoch warmup, cosine to 1/10)
     tok_kl: float = 0.03          # KL(q || uniform) weight per token vs mean per-pixel NLL (DALL-E 6.6 / (3*8*8))
     # optimisation (BEiT ImageNet-1k pre-training command, microsoft/unilm/beit/README.md@9a6a8a1)
-    epochs: int = 300             # CIM: 300 (the presets' paper rows)
+    epochs: int = 300             # the paper rows' 300 (as given to us; not in the paper text we hold)
     batch_size: int = 128         # per GPU (BEiT: 128 x 16 GPUs = 2048)
     accum_iter: int = 1           # micro-batches per optimizer step (ResNet-50: BatchNorm sees micro-batches, inexact)
     global_batch: int = 0         # 0 = batch_size x GPUs x accum_iter; else accum_iter = global / (batch_size x GPUs)
