@@ -1,74 +1,84 @@
 """
-cim_corrupt.py - Corrupted Image Modeling (CIM) pre-training in one file: generator + frozen dVAE + enhancer.
+cim_corrupt.py - Corrupted Image Modeling (CIM) pre-training in one file: BEiT generator, frozen dVAE, enhancer.
 Paper: Fang et al., "Corrupted Image Modeling for Self-Supervised Visual Pre-Training", arXiv 2202.03382 (ICLR 2023).
-Official code: none public (METHODS.md 1.1): a reference built from the paper, BEiT and DALL-E; open choices are flags.
+No official code: built from the paper's abstract, Sec. 1 and start of Sec. 2.1 (the text we hold), BEiT and DALL-E's
+dVAE; what that text leaves open is a flag (docs/cim_corrupt.md).
 
-    python cim_corrupt.py --data /imagenet --dvae-encoder encoder.pkl --dvae-decoder decoder.pkl --trust-pickle   # 1 GPU
-    torchrun --nproc_per_node 8 cim_corrupt.py --data /imagenet --tokenizer out/cim_corrupt/tokenizer.pth --batch-size 256
-    python cim_corrupt.py --data /small --train-tokenizer --tok-vocab 1024 --out out/small   # no DALL-E weights
-    python cim_corrupt.py --preset tiny --data synthetic --out out/cim_tiny                 # CPU smoke, random dVAE
+    python cim_corrupt.py --data /imagenet --dvae-encoder encoder.pkl --dvae-decoder decoder.pkl --trust-pickle
+    torchrun --nproc_per_node 8 cim_corrupt.py --preset vit_base_300ep --data /imagenet --tokenizer OUT/tokenizer.pth
+    python cim_corrupt.py --preset tiny --data synthetic --out out/cim_tiny      # CPU smoke test, random dVAE
 
-Result: not measured here yet (paper: ViT-B/16 83.3, ResNet-50 80.6 ImageNet top-1 after 300 epochs).
-Sections: 3 config | 4 backbone | 5 dVAE | 6 masking, corruption | 7 losses | 8 model | 9 data | 10 dVAE fit, viz | 11 main
+Result: not measured on ImageNet (no GPU run yet); small-image runs and their pictures are in docs/cim_corrupt.md.
+Sections: 1 config | 2 corruption | 3 losses | 4 model | 5 data | 6 training | 7 appendix: ViT, dVAE, viz, checks.
 """
-import dataclasses, itertools, math, os, pickle, re
+import contextlib
+import dataclasses
+import itertools
+import math
+import os
+import pickle
+import re
 from collections import OrderedDict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torchvision import transforms as T
+from torchvision import transforms
+from torchvision.ops import stochastic_depth
 from torchvision.utils import save_image
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, Progress, build_dataset, build_loader, cosine_schedule, fail,
-                    log_json, param_groups, parse_config, prepare_out, print0, resume, rng_state, save_checkpoint,
-                    seed_all, setup_dist)
+from common import (IMAGENET_MEAN, IMAGENET_STD, Progress, accum_steps, all_finite, batch_warning, build_dataset,
+                    build_loader, cosine_schedule, fail, log_json, param_groups, parse_config, prepare_out, print0,
+                    resume, rng_state, run_settings, save_checkpoint, seed_all, setup_dist)
 
-# ----------------------------------------------------------------------------- 3. Config
+
+# ----------------------------------------------------------------------------- 1. Config
 @dataclasses.dataclass
 class Config:
-    """Corrupted Image Modeling pre-training (defaults: ViT-B/16 enhancer, BEiT recipe; METHODS.md 1.3-1.4)."""
+    """Corrupted Image Modeling pre-training; sources of the defaults and open choices: docs/cim_corrupt.md."""
     data: str = "/imagenet"       # ImageFolder root with train/ (or a flat class-folder root); "synthetic" = smoke runs
-    img_size: int = 224           # crop side; the dVAE sees the same crop resized to 8 * img_size / patch_size (BEiT 112)
-    crop_min_scale: float = 0.08  # RandomResizedCrop area scale (min, 1) of pre-training and dVAE training (BEiT 0.08)
-    arch: str = "vit_base"        # enhancer (fine-tuned later): vit_tiny|small|base|large | resnet50 (paper: B/16, R-50)
-    depth: int = 0                # ViT depth override; 0 = the arch's depth
-    patch_size: int = 16          # token stride: ViT patch = generator patch = one dVAE cell. ResNet sees 16 * grid px
-    pos_embed: str = "none"       # ViT absolute positions: none | learned | sincos (BEiT pre-training: none + rel_pos)
-    rel_pos: str = "shared"       # ViT relative position bias: shared (BEiT pre-training) | block | none
-    init_values: float = 0.1      # ViT layer scale (BEiT base 0.1; large 1e-5); 0 = off
-    drop_path: float = 0.1        # stochastic depth of the enhancer and generator ViTs (BEiT base 0.1)
-    objective: str = "respix"     # respix: regress all original pixels | revdet: per-token replaced-or-not (Sec. 2.2)
-    lam: float = 1.0              # L = L_gen + lam * L_enh. Paper value unreadable (METHODS.md 1.4); ELECTRA used 50
-    respix_window: int = 8        # side of the sliding window that normalises ResPix targets (3rd-party code: 8)
-    respix_l1: float = 0.5        # ResPix loss = w * L1 + (1 - w) * L2 (3rd-party 0.5; 1 = SimMIM's L1, 0 = MAE's L2)
-    gen_depth: int = 4            # generator ("small BEiT") blocks; METHODS.md 1.4 suggests 4, unverified
-    gen_dim: int = 0              # 0 = enhancer width (ViT) or 768 (ResNet-50: the ViT-B generator); heads = dim / 64
-    gen_share_blocks: int = 0     # share patch embed + first K blocks with a same-width ViT enhancer (ablation: helps)
-    mask_type: str = "random"     # random | block (BEiT blockwise). The paper's ablation favours random
-    mask_ratio: float = 0.5       # fraction of tokens the generator predicts and resamples (recalled ~50 percent, unverified)
-    sample_temperature: float = 1.0   # replacements ~ softmax(logits / T); 1 = the generator's own distribution
-    corrupt_upsample: str = "bicubic"  # dVAE output (8 px per token) -> enhancer input size: bicubic | bilinear | nearest
-    # frozen tokenizer (dVAE, DALL-E interface); built-in dVAE training when DALL-E weights are not available
-    tokenizer: str = ""           # plain file {"encoder","decoder","args"} (from --train-tokenizer) | "random" (smoke only)
+    img_size: int = 224           # crop side; the dVAE sees the crop resized to 8 * img_size / patch_size (BEiT: 112)
+    crop_min_scale: float = 0.08  # RandomResizedCrop area scale (min, 1) of pre-training and dVAE training (BEiT)
+    arch: str = "vit_base"        # enhancer, the network you keep: vit_base | resnet50 (paper) | vit_tiny (small runs)
+    depth: int = 0                # ViT enhancer depth override; 0 = the arch's depth
+    patch_size: int = 16          # token stride: ViT patch = generator patch = one dVAE cell; ResNet sees 16 px/token
+    pos_embed: str = "none"       # ViT absolute positions: none (BEiT pre-training) | learned
+    init_values: float = 0.1      # ViT layer scale (BEiT base); 0 = off
+    drop_path: float = 0.1        # stochastic depth of the enhancer and generator ViTs (BEiT base)
+    objective: str = "respix"     # respix: regress all original pixels | revdet: replaced-or-not per token (Sec. 1)
+    lam: float = 1.0              # L_gen + lam * L_enh (open choice); matters only with --gen-share-blocks or clipping
+    respix_window: int = 8        # side of the sliding window that normalises ResPix targets (open choice)
+    respix_eps: float = 0.01      # variance floor of a ResPix window, normalised units (bounds flat-window targets)
+    respix_l1: float = 0.5        # ResPix loss = w * L1 + (1 - w) * L2 (open choice: between SimMIM's L1, MAE's L2)
+    gen_depth: int = 4            # generator ("small BEiT", abstract) blocks (open choice)
+    gen_dim: int = 0              # 0 = enhancer width (ViT) or 768 (ResNet-50); heads = dim / 64
+    gen_share_blocks: int = 0     # share patch embed + first K blocks with a same-width ViT enhancer (open choice)
+    mask_ratio: float = 0.5       # fraction of tokens the generator resamples (open choice)
+    sample_temperature: float = 1.0   # replacements ~ softmax(logits / t); 1 = "the BEiT output distribution"
+    # frozen tokenizer (DALL-E dVAE interface); built-in dVAE training where DALL-E weights are not available
+    tokenizer: str = ""           # plain file {"encoder","decoder","args"} (from --train-tokenizer) | "random" (smoke)
     dvae_encoder: str = ""        # DALL-E encoder.pkl (needs --trust-pickle) or a plain encoder state dict
     dvae_decoder: str = ""        # DALL-E decoder.pkl (needs --trust-pickle) or a plain decoder state dict
-    trust_pickle: bool = False    # allow unpickling: runs code from the file. Needed for DALL-E's .pkl modules
+    trust_pickle: bool = False    # allow unpickling, which runs code from the file: DALL-E's .pkl modules need it
     train_tokenizer: bool = False  # train a dVAE on --data into OUT/tokenizer.pth (reused if present), then pre-train
-    tok_vocab: int = 8192         # codebook size V (DALL-E 8192); 512-1024 is easier to fill on small data
-    tok_hid: int = 256            # dVAE width n_hid (DALL-E 256)
-    tok_blocks: int = 2           # residual blocks per group (DALL-E 2)
-    tok_epochs: int = 30          # dVAE training epochs (Gumbel temperature 1 -> 1/16 over them, as DALL-E)
+    tok_vocab: int = 8192         # codebook size V (DALL-E); 512-1024 is easier to fill on small data
+    tok_hid: int = 256            # dVAE width n_hid (DALL-E)
+    tok_blocks: int = 2           # residual blocks per group (DALL-E)
+    tok_epochs: int = 30          # dVAE epochs (Gumbel temperature 1 -> 1/16 over them, as DALL-E)
     tok_lr: float = 1e-3          # absolute AdamW lr of dVAE training (1 epoch warmup, cosine to 1/10)
-    tok_kl: float = 0.03          # KL(q || uniform) weight per token vs mean per-pixel NLL (DALL-E 6.6 / (3*8*8) px)
-    epochs: int = 300             # paper: 300. Optimisation: BEiT's ImageNet-1k recipe (METHODS.md 1.3)
-    batch_size: int = 128         # per GPU; BEiT: 2048 in total
-    blr: float = 1.875e-4         # lr = blr * global batch / 256: 1.5e-3 at 2048 (BEiT README)
+    tok_kl: float = 0.03          # KL(q || uniform) weight per token vs mean per-pixel NLL (DALL-E 6.6 / (3*8*8))
+    # optimisation (BEiT ImageNet-1k pre-training command, microsoft/unilm/beit/README.md@9a6a8a1)
+    epochs: int = 300             # the paper rows' 300 (as given to us; not in the paper text we hold)
+    batch_size: int = 128         # per GPU (BEiT: 128 x 16 GPUs = 2048)
+    accum_iter: int = 1           # micro-batches per optimizer step (ResNet-50: BatchNorm sees micro-batches, inexact)
+    global_batch: int = 0         # 0 = batch_size x GPUs x accum_iter; else accum_iter = global / (batch_size x GPUs)
+    paper_batch: int = 0          # the recipe's global batch (presets set it): warn when >2x away
+    blr: float = 1.875e-4         # lr = blr * global batch / 256: 1.5e-3 at 2048 (BEiT)
     min_lr: float = 1e-5          # cosine floor (BEiT)
     warmup_epochs: int = 10       # BEiT
     weight_decay: float = 0.05    # BEiT
-    clip_grad: float = 3.0        # BEiT; 0 = off
+    clip_grad: float = 3.0        # max gradient norm (BEiT); 0 = off
     steps_per_epoch: int = 0      # 0 = full pass; >0 caps it (smoke tests)
     device: str = "cuda"          # "cpu" works (slowly)
     amp: str = "bf16"             # bf16 | fp16 | off (CUDA only; the tokenizer always runs in float32)
@@ -79,212 +89,427 @@ class Config:
     log_every: int = 50           # progress line every N steps
     stop_after: int = 0           # exit after N steps of this run with a resumable checkpoint; 0 = off
     viz_every: int = 0            # PNG every N epochs: original | dVAE recon | corrupted | replaced | output; 0 = off
-    preset: str = ""              # tiny (CPU smoke) | small32 (CPU, 32x32 real images, trains its own tokenizer)
+    preset: str = ""              # vit_base_300ep | resnet50_300ep (paper rows) | tiny | small32 (docs/cim_corrupt.md)
+    paper_row: str = ""           # the paper row a preset reproduces, printed in the recipe line
 
-    _TINY = dict(arch="vit_tiny", img_size=32, patch_size=4, batch_size=8, device="cpu", workers=0, epochs=1, log_every=1,
-                 warmup_epochs=0, drop_path=0.0, blr=1.5e-2, gen_depth=2, gen_dim=192, tokenizer="random",  # lr 4.7e-4
-                 tok_vocab=512, tok_hid=64, tok_blocks=1, respix_window=4)   # dall_e's smallest dVAE; 8 of 224 px ~ 1 of 32
-    # small32 (learning.py, README): dVAE width 16, crops >= 0.5, ResPix window 16 (4 px), 12 epochs (3: kNN below init)
-    PRESETS = {"tiny": _TINY, "small32": dict(_TINY, tokenizer="", train_tokenizer=True, tok_hid=16, tok_epochs=4,
-                                              tok_lr=3e-3, crop_min_scale=0.5, respix_window=16, batch_size=32,
-                                              epochs=12, warmup_epochs=1, log_every=10, workers=2, blr=8e-3)}
-
-# ----------------------------------------------------------------------------- 4. Backbone (shared ViT; ResNet-50 from torchvision)
-
-# >>> shared:vit  (byte-identical in every file that has it; tests/test_shared.py enforces it)
-VIT_SIZES = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6),  # name: (width D, depth, heads)
-             "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16)}
-
-
-def sincos_pos_embed(D, h, w):
-    """Fixed 2-D sin-cos positions (MAE): half the channels encode the row, half the column -> (h*w, D)."""
-    omega = 1.0 / 10000 ** (torch.arange(D // 4, dtype=torch.float64) / (D // 4))       # (D/4,)
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
-    out = [f(c.flatten()[:, None] * omega) for c in (xs, ys) for f in (torch.sin, torch.cos)]  # 4 x (h*w, D/4)
-    return torch.cat(out, dim=1).float()                                               # (h*w, D)
+    CHOICES = {"arch": ("vit_tiny", "vit_base", "resnet50"), "objective": ("respix", "revdet"),
+               "amp": ("bf16", "fp16", "off"), "pos_embed": ("none", "learned")}
+    # tiny: CPU smoke test with a random dVAE (docs/cim_corrupt.md, "Small presets")
+    _TINY = dict(arch="vit_tiny", img_size=32, patch_size=4, batch_size=8, device="cpu", workers=0, epochs=1,
+                 log_every=1, warmup_epochs=0, drop_path=0.0, blr=1.5e-2, gen_depth=2, gen_dim=192, tokenizer="random",
+                 tok_vocab=512, tok_hid=64, tok_blocks=1, respix_window=4)
+    _PAPER = dict(epochs=300, global_batch=2048, paper_batch=2048)
+    PRESETS = {
+        # paper rows (epochs, top-1 are not in the paper text we hold); batch 2048 etc.: BEiT's recipe (docs)
+        "vit_base_300ep": dict(_PAPER, arch="vit_base", paper_row="ViT-B/16 300 ep -> 83.3 top-1 (not in our text)"),
+        "resnet50_300ep": dict(_PAPER, arch="resnet50", paper_row="ResNet-50 300 ep -> 80.6 top-1 (not in our text)"),
+        "tiny": _TINY,
+        # small32: 32x32 real images, trains its own dVAE first (docs/cim_corrupt.md, "Small presets")
+        "small32": dict(_TINY, tokenizer="", train_tokenizer=True, tok_hid=16, tok_epochs=4, tok_lr=3e-3,
+                        crop_min_scale=0.5, respix_window=16, batch_size=32, epochs=12, warmup_epochs=1, log_every=10,
+                        workers=2, blr=8e-3),
+    }
 
 
-def resize_pos_embed(pos_embed, old_grid, new_grid):
-    """(1, 1+gh*gw, D) positions for another grid: bicubic on the patch part, the cls position kept."""
-    if tuple(old_grid) == tuple(new_grid):
-        return pos_embed
-    grid = pos_embed[:, 1:].reshape(1, *old_grid, -1).permute(0, 3, 1, 2)                # (1, D, gh, gw)
-    grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False).to(pos_embed.dtype)
-    return torch.cat([pos_embed[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)         # (1, 1+h*w, D)
+# ----------------------------------------------------------------------------- 2. Corruption (Sec. 2.1)
+def random_mask(B, N, ratio, device):
+    """Uniform random masking ("randomly selected", abstract): (B, N) bool, True = masked, round(N * ratio) per row."""
+    return torch.rand(B, N, device=device).argsort(1).argsort(1) < int(round(N * ratio))
 
 
-def rel_pos_index(h, w):
-    """BEiT relative-position index over 1+h*w tokens; the last 3 table rows are cls->tok, tok->cls, cls->cls."""
-    coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")).flatten(1)  # (2, N)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)                     # (N, N, 2)
-    num = (2 * h - 1) * (2 * w - 1)
-    idx = torch.full((h * w + 1, h * w + 1), num + 2, dtype=torch.long)                  # (1+N, 1+N)
-    idx[1:, 1:] = (rel[..., 0] + h - 1) * (2 * w - 1) + rel[..., 1] + w - 1
-    idx[0, 1:], idx[1:, 0] = num, num + 1
-    return idx
+def sample_tokens(logits, temperature):
+    """One exact sample per position from softmax(logits / t) (Gumbel-max trick). (B, N, V) -> (B, N) long."""
+    u = torch.rand(logits.shape, device=logits.device).clamp_(min=1e-20)
+    return (logits.float() / temperature - torch.log(-torch.log(u))).argmax(-1)
+
+
+def corrupt_tokens(ids, mask, sampled):
+    """Masked positions take the sample, others keep the tokenizer id (Sec. 1); RevDet label: final id != original."""
+    corrupt_ids = torch.where(mask, sampled, ids)                                          # (B, N)
+    return corrupt_ids, corrupt_ids != ids
+
+
+def window_norm(x, k, eps=0.01):
+    """ResPix target: pixels normalised by mean / std of their k x k window (reflect pad). -> target, mean, std.
+    eps floors the variance: with 1e-6 a flat window with one pixel off by one grey level gives a target of 7."""
+    xp = F.pad(x.float(), (k // 2, (k - 1) // 2, k // 2, (k - 1) // 2), mode="reflect")
+    mean = F.avg_pool2d(xp, k, stride=1)
+    std = (F.avg_pool2d(xp * xp, k, stride=1) - mean * mean).clamp(min=0).add(eps).sqrt()
+    return (x - mean) / std, mean, std
+
+
+def resize(x, size, mode="bicubic"):   # (B, C, H, W) -> (B, C, size, size), antialiased when shrinking
+    return x if x.shape[-2:] == (size, size) else F.interpolate(x, (size, size), mode=mode, antialias=mode != "nearest")
+
+
+def tok_size(cfg):   # tokenizer view side: its x8-smaller grid is the patch grid (14 tokens -> 112 px, BEiT)
+    return 8 * (cfg.img_size // cfg.patch_size)
+
+
+# ----------------------------------------------------------------------------- 3. Losses
+def mim_loss(logits, ids, mask):
+    """L_gen, BEiT's objective: cross-entropy of logits (B, N, V) vs tokenizer ids (B, N) at masked positions."""
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten(), reduction="none").view_as(mask)
+    return (ce * mask).sum() / mask.sum().clamp(min=1)
+
+
+def respix_loss(pred, target, l1_weight):
+    """L_enh of ResPix: regress the (window-normalised) original at ALL pixels (Sec. 1). pred, target (B, 3, H, W)."""
+    d = pred.float() - target
+    return l1_weight * d.abs().mean() + (1 - l1_weight) * (d * d).mean()
+
+
+def revdet_loss(logits, replaced):
+    """L_enh of RevDet: per-token binary cross-entropy, replaced or not (Sec. 1, after ELECTRA). Both (B, N)."""
+    return F.binary_cross_entropy_with_logits(logits.float(), replaced.float())
+
+
+# ----------------------------------------------------------------------------- 4. Model
+class CIM(nn.Module):
+    """Generator (small BEiT + lm head) and enhancer (ViT or ResNet-50 + per-token head); forward -> (loss, logs)."""
+    def __init__(self, cfg, tokenizer):
+        super().__init__()
+        object.__setattr__(self, "tokenizer", tokenizer)   # frozen, no submodule: out of state_dict, optimizer, DDP
+        self.cfg, self.grid, self.tok_size = cfg, cfg.img_size // cfg.patch_size, tok_size(cfg)
+        if cfg.arch == "resnet50":   # its stride-16 map is the token grid, so it sees 16 * grid px (224 at patch 16)
+            self.enhancer, D, self.enh_size = torchvision.models.resnet50(), 512, 16 * self.grid
+            self.enhancer.fc = nn.Identity()   # torchvision layout without fc.*: what finetune.py loads
+            self.enhancer_neck = nn.ModuleDict({"lat3": nn.Conv2d(1024, D, 1), "lat4": nn.Conv2d(2048, D, 1)})
+            self.encoder_args = {"arch": "resnet50"}
+        else:
+            D, depth, heads = VIT_SIZES[cfg.arch]
+            kw = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=D, depth=cfg.depth or depth,
+                      num_heads=heads, pos_embed=cfg.pos_embed, init_values=cfg.init_values or None)
+            self.enhancer, self.enh_size = VisionTransformer(**kw, drop_path=cfg.drop_path), cfg.img_size
+            self.encoder_args = {"arch": "vit", **kw, "rel_pos": "shared"}   # what finetune.py builds
+        self.P = self.enh_size // self.grid                                # enhancer pixels per token side
+        self.enhancer_head = nn.Linear(D, 3 * self.P ** 2 if cfg.objective == "respix" else 1)   # per token
+        Dg = cfg.gen_dim or (D if cfg.arch != "resnet50" else 768)
+        self.generator = VisionTransformer(cfg.img_size, cfg.patch_size, Dg, cfg.gen_depth, Dg // 64, cfg.pos_embed,
+                                           cfg.init_values or None, cfg.drop_path)
+        self.generator_mask_token = nn.Parameter(torch.zeros(1, 1, Dg))   # weight-decayed, as in BEiT
+        self.generator_head = nn.Linear(Dg, tokenizer.vocab_size)         # BEiT's lm_head
+        beit_init(self.generator, self.generator_mask_token, self.generator_head)   # init the small BEiT as BEiT
+        for i in range(cfg.gen_share_blocks):   # the same module objects: one set of weights, trained by both losses
+            self.generator.patch_embed, self.generator.blocks[i] = self.enhancer.patch_embed, self.enhancer.blocks[i]
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def param_sets(self):   # (generator, enhancer) parameters, clipped separately; shared blocks count as enhancer
+        named = list(self.named_parameters())   # a shared parameter appears once, under its enhancer name
+        return [p for n, p in named if not n.startswith("enhancer")], [p for n, p in named if n.startswith("enhancer")]
+
+    def normalize(self, x01):
+        return (x01 - self.mean) / self.std
+
+    def corrupt(self, x01):
+        """Sec. 2.1: tokenize, mask, generator predicts, sample replacements, decode the mixed grid -> dict"""
+        cfg, B, g, dev = self.cfg, x01.shape[0], self.grid, x01.device
+        with torch.no_grad(), torch.autocast(dev.type, enabled=False):   # frozen dVAE, float32
+            ids = self.tokenizer.encode(resize(x01.float(), self.tok_size).clamp(0, 1)).flatten(1)   # (B, N) "golden"
+        mask = random_mask(B, g * g, cfg.mask_ratio, dev)                                # (B, N) True = masked
+        x = self.generator.patchify(self.normalize(x01))                                 # (B, N, Dg)
+        x = torch.where(mask[..., None], self.generator_mask_token.to(x.dtype), x)       # BEiT's [MASK] input
+        logits = self.generator_head(self.generator.forward_tokens(x)[:, 1:])            # (B, N, V)
+        with torch.no_grad(), torch.autocast(dev.type, enabled=False):   # sampling: no gradient reaches the generator
+            corrupt_ids, replaced = corrupt_tokens(ids, mask, sample_tokens(logits, cfg.sample_temperature))
+            corrupted = self.tokenizer.decode(corrupt_ids.view(B, g, g))                 # (B, 3, 8g, 8g)
+            corrupted = resize(corrupted, self.enh_size).clamp(0, 1)                     # (B, 3, S, S)
+        return dict(ids=ids, mask=mask, logits=logits, corrupt_ids=corrupt_ids, replaced=replaced, corrupted=corrupted)
+
+    def enhance(self, corrupted):
+        """Enhancer + per-token head: (B, 3, S, S) in [0, 1] -> (B, N, 3 P^2) for ResPix or (B, N, 1) for RevDet."""
+        x = self.normalize(corrupted)
+        if self.cfg.arch != "resnet50":
+            return self.enhancer_head(self.enhancer(x)[:, 1:])                           # ViT: one row per patch
+        r, neck = self.enhancer, self.enhancer_neck
+        x = r.maxpool(r.relu(r.bn1(r.conv1(x.contiguous(memory_format=torch.channels_last)))))
+        c4 = r.layer3(r.layer2(r.layer1(x)))                                             # (B, 1024, g, g), stride 16
+        c5 = r.layer4(c4)                                                                # (B, 2048, g/2, g/2)
+        f = neck.lat3(c4) + F.interpolate(neck.lat4(c5), size=c4.shape[-2:], mode="nearest")   # (B, D, g, g)
+        return self.enhancer_head(f.flatten(2).transpose(1, 2))   # layer4 feeds the head too, so it is pre-trained
+
+    def unpatchify(self, out):   # (B, N, 3 P^2) -> (B, 3, S, S)
+        B, g, P = out.shape[0], self.grid, self.P
+        return out.view(B, g, g, P, P, 3).permute(0, 5, 1, 3, 2, 4).reshape(B, 3, g * P, g * P)
+
+    def forward(self, images):   # (B, 3, H, W) uint8 from the loader or float in [0, 1] -> (loss, logs)
+        x01 = images.float() / 255 if images.dtype == torch.uint8 else images
+        c = self.corrupt(x01)
+        loss_gen, out = mim_loss(c["logits"], c["ids"], c["mask"]), self.enhance(c["corrupted"])
+        if self.cfg.objective == "respix":
+            with torch.no_grad():
+                target = window_norm(self.normalize(resize(x01, self.enh_size)), self.cfg.respix_window,
+                                     self.cfg.respix_eps)[0]
+            loss_enh = respix_loss(self.unpatchify(out.float()), target, self.cfg.respix_l1)
+        else:
+            loss_enh = revdet_loss(out[..., 0], c["replaced"])
+        acc = ((c["logits"].detach().argmax(-1) == c["ids"]) & c["mask"]).sum() / c["mask"].sum().clamp(min=1)
+        logs = dict(loss_gen=loss_gen.detach(), loss_enh=loss_enh.detach(), gen_acc=acc,
+                    replaced=c["replaced"].float().mean())
+        return loss_gen + self.cfg.lam * loss_enh, logs
+
+
+# ----------------------------------------------------------------------------- 5. Data
+def build_transform(cfg):
+    """BEiT: crop 0.08-1 bicubic, flip, ColorJitter 0.4 (after the crop: cheaper) -> uint8; other views on device."""
+    crop = transforms.RandomResizedCrop(cfg.img_size, (cfg.crop_min_scale, 1.0),
+                                        interpolation=transforms.InterpolationMode.BICUBIC)
+    return transforms.Compose([crop, transforms.RandomHorizontalFlip(), transforms.ColorJitter(0.4, 0.4, 0.4),
+                               transforms.PILToTensor()])
+
+
+# ----------------------------------------------------------------------------- 6. Training
+def train_tokenizer(cfg, rank, world, device, path):
+    """DALL-E's dVAE recipe in small on the pre-training tokenizer view (Gumbel tau 1 -> 1/16). Not resumable."""
+    tok = new_tokenizer(cfg, tok_size(cfg)).to(device)
+    loader = build_loader(build_dataset(cfg.data, "train", build_transform(cfg), cfg.img_size), cfg.batch_size, world,
+                          rank, cfg.seed, cfg.workers, device)
+    spe = min(len(loader), cfg.steps_per_epoch or len(loader))
+    total, model = cfg.tok_epochs * spe, nn.parallel.DistributedDataParallel(tok) if world > 1 else tok
+    opt = torch.optim.AdamW(tok.parameters(), lr=cfg.tok_lr, weight_decay=0.0, fused=device.type == "cuda")
+    lrs, taus = cosine_schedule(cfg.tok_lr, cfg.tok_lr / 10, total, spe), cosine_schedule(1.0, 1 / 16, total)
+    progress = Progress(total, cfg.batch_size * world, cfg.log_every)
+    for epoch in range(cfg.tok_epochs):
+        loader.sampler.set_epoch(epoch)
+        for i, (images, _) in enumerate(itertools.islice(loader, spe)):
+            it = epoch * spe + i
+            opt.param_groups[0]["lr"] = lrs[it]
+            x = resize(images.to(device, non_blocking=True).float() / 255, tok_size(cfg)).clamp(0, 1)
+            loss, logs = model(x, taus[it], cfg.tok_kl)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            progress.step(it, epoch, {"loss": loss, **logs}, lrs[it])
+    if rank == 0:
+        save_checkpoint(tok.state(), path)
+    if world > 1:
+        torch.distributed.barrier()   # the other ranks load the file next
+
+
+def main(cfg):
+    validate(cfg)
+    rank, world, device = setup_dist(cfg.device)
+    seed_all(cfg.seed + rank)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # also for the fp32 dVAE
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if device.type == "cuda" else None
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    accum = accum_steps(cfg.global_batch, cfg.batch_size, world, cfg.accum_iter)
+    global_batch = cfg.batch_size * world * accum
+    prepare_out(cfg.out, cfg, __file__)
+    if cfg.train_tokenizer:                                            # METHOD: own dVAE where DALL-E's is unavailable
+        cfg.tokenizer = os.path.join(cfg.out, "tokenizer.pth")
+        if not os.path.isfile(cfg.tokenizer):
+            train_tokenizer(cfg, rank, world, device, cfg.tokenizer)
+        if cfg.epochs == 0:
+            return   # tokenizer only
+    tokenizer = load_tokenizer(cfg).to(device)                         # METHOD: file errors stop the run here
+    if cfg.trust_pickle and not cfg.tokenizer and rank == 0:   # later runs: --tokenizer OUT/tokenizer.pth, no pickle
+        save_checkpoint(tokenizer.state(), os.path.join(cfg.out, "tokenizer.pth"))
+    dataset = build_dataset(cfg.data, "train", build_transform(cfg), cfg.img_size)
+    loader = build_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device)
+    steps_per_epoch = min(len(loader) // accum, cfg.steps_per_epoch or len(loader))   # optimizer steps
+    if steps_per_epoch == 0:   # one error line instead of a division by zero below
+        fail(f"one epoch has {len(loader)} micro-batches per GPU, fewer than --accum-iter {accum}")
+    total_steps = cfg.epochs * steps_per_epoch
+    raw_model = CIM(cfg, tokenizer).to(device, memory_format=torch.channels_last if cfg.arch == "resnet50" else None)
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    lr = cfg.blr * global_batch / 256
+    print0(f"recipe: {cfg.preset or 'defaults'} | global batch {global_batch} = {cfg.batch_size} x {world} GPUs x "
+           f"{accum} accum | peak lr {lr:.2e} = blr {cfg.blr} x {global_batch} / 256 | {steps_per_epoch} steps/epoch | "
+           f"no EMA | mask {cfg.mask_ratio:g} random of {raw_model.grid}^2 tokens | {cfg.objective}, lam {cfg.lam:g} | "
+           f"{cfg.amp if amp_dtype else 'fp32'}" + (f" | paper row: {cfg.paper_row}" if cfg.paper_row else ""))
+    batch_warning(global_batch, cfg.paper_batch, steps_per_epoch)
+    opt = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=lr, betas=(0.9, 0.999),
+                            fused=device.type == "cuda")
+    lr_sched = cosine_schedule(lr, cfg.min_lr, total_steps, cfg.warmup_epochs * steps_per_epoch)
+    settings = dict(run_settings(cfg, __file__, ("arch", "epochs", "img_size", "patch_size", "objective", "blr")),
+                    global_batch=global_batch)
+    start = resume(cfg.out, raw_model, opt, scaler, rank, cfg.seed, settings=settings)
+
+    def save(step):   # "encoders" / "encoder_args" / "default_encoder": what finetune.py loads
+        layout = dict if cfg.arch == "resnet50" else to_timm_layout   # torchvision keys (no fc.*) or timm beit_* keys
+        if rank == 0:
+            save_checkpoint({"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                             "scaler": scaler.state_dict(), "epoch": epoch, "rng": rng_state(), "settings": settings,
+                             "config": dataclasses.asdict(cfg), "default_encoder": "enhancer",
+                             "encoders": {"enhancer": layout(raw_model.enhancer.state_dict())},
+                             "encoder_args": raw_model.encoder_args}, os.path.join(cfg.out, "checkpoint.pth"))
+
+    progress, last = Progress(total_steps, global_batch, cfg.log_every), {}
+    for epoch in range(start // steps_per_epoch, cfg.epochs):
+        loader.sampler.set_epoch(epoch)
+        first = start % steps_per_epoch if epoch == start // steps_per_epoch else 0
+        loader.sampler.start_step = first * accum                      # the sampler counts micro-batches
+        batches = iter(itertools.islice(loader, (steps_per_epoch - first) * accum))
+        raw_model.train()
+        for i in range(first, steps_per_epoch):
+            it = epoch * steps_per_epoch + i                           # optimizer steps index every schedule
+            for g in opt.param_groups:
+                g["lr"] = lr_sched[it]
+            opt.zero_grad(set_to_none=True)
+            logs = {}                                                  # means over the micro-batches
+            for j in range(accum):
+                images = next(batches)[0].to(device, non_blocking=True)
+                sync = model.no_sync() if world > 1 and j < accum - 1 else contextlib.nullcontext()
+                with sync:                                             # DDP all-reduces on the last micro-batch only
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        loss, parts = model(images)                    # METHOD: corrupt, enhance, L_gen + lam * L_enh
+                    scaler.scale(loss / accum).backward()
+                logs = {k: logs.get(k, 0) + v.detach() / accum for k, v in {"loss": loss, **parts}.items()}
+            if cfg.clip_grad > 0:                                      # METHOD: each network clipped on its own
+                scaler.unscale_(opt)
+                for params in raw_model.param_sets():
+                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+            scaler.step(opt)                                           # skipped on inf/NaN grads (fp16); no EMA here
+            scaler.update()
+            vals = progress.step(it, epoch, logs, lr_sched[it])
+            last = vals or last
+            if (vals is not None or i + 1 == steps_per_epoch) and not all_finite(torch.isfinite(logs["loss"])):
+                fail(f"loss is not finite at step {it + 1}; last good checkpoint kept in {cfg.out}")   # before a save
+            if cfg.stop_after and it + 1 - start >= cfg.stop_after:
+                save(it + 1)
+                return print0(f"stopping after {cfg.stop_after} steps; run the same command again to resume")
+        save(it + 1)
+        log_json(cfg.out, {"epoch": epoch, "step": it + 1, **last})
+        if cfg.viz_every and (epoch + 1) % cfg.viz_every == 0 and rank == 0:
+            visualize(raw_model, images, os.path.join(cfg.out, f"viz_epoch{epoch}.png"))   # METHOD
+        if dataset.skipped.item():
+            print0(f"skipped {dataset.skipped.item()} unreadable images so far")
+
+
+# ----------------------------------------------------------------------------- 7. Appendix: ViT (generator, enhancer)
+VIT_SIZES = {"vit_tiny": (192, 12, 3), "vit_base": (768, 12, 12)}   # (width, depth, heads)
 
 
 class RelPosBias(nn.Module):
-    """Learned bias per head for each relative offset (BEiT), gathered into a (heads, 1+N, 1+N) attention bias."""
+    """BEiT's shared relative position bias: a value per head and 2-D offset (+3 rows: cls->tok, tok->cls, cls->cls)."""
     def __init__(self, grid, num_heads):
         super().__init__()
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * grid[0] - 1) * (2 * grid[1] - 1) + 3, num_heads))
-        self.register_buffer("relative_position_index", rel_pos_index(*grid), persistent=False)
+        h, w, num = *grid, (2 * grid[0] - 1) * (2 * grid[1] - 1)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(num + 3, num_heads))
+        yx = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")).flatten(1)  # (2, N)
+        rel = (yx[:, :, None] - yx[:, None, :]).permute(1, 2, 0)                          # (N, N, 2) offsets
+        idx = torch.full((h * w + 1, h * w + 1), num + 2, dtype=torch.long)              # (1+N, 1+N)
+        idx[1:, 1:] = (rel[..., 0] + h - 1) * (2 * w - 1) + rel[..., 1] + w - 1
+        idx[0, 1:], idx[1:, 0] = num, num + 1
+        self.register_buffer("relative_position_index", idx, persistent=False)
 
     def forward(self):
-        return self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)  # (heads, 1+N, 1+N)
-
-
-class Attention(nn.Module):
-    def __init__(self, dim, num_heads, qkv_bias=True, grid=None):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        if grid:   # a table of its own (BEiT fine-tuning layout, timm key attn.relative_position_bias_table)
-            self.relative_position_bias_table = RelPosBias(grid, num_heads).relative_position_bias_table
-            self.register_buffer("relative_position_index", rel_pos_index(*grid), persistent=False)
-
-    def forward(self, x, bias=None):                                   # (B, T, D), bias: (heads, T, T) or None
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
-        if hasattr(self, "relative_position_index"):
-            bias = RelPosBias.forward(self)
-        if bias is not None:
-            bias = bias.to(q.dtype).unsqueeze(0)                       # (1, nh, T, T) broadcast over the batch
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)    # (B, nh, T, hd)
-        return self.proj(x.transpose(1, 2).reshape(B, T, D))
-
-
-class LayerScale(nn.Module):
-    def __init__(self, dim, init_values):
-        super().__init__()
-        self.gamma = nn.Parameter(init_values * torch.ones(dim))
-
-    def forward(self, x):
-        return x * self.gamma
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-def drop_path(x, p, training):
-    """Stochastic depth: drop the whole residual branch per sample with probability p."""
-    if p == 0.0 or not training:
-        return x
-    keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - p)
-    return x * keep / (1 - p)
+        return self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)  # (nh, 1+N, 1+N)
 
 
 class Block(nn.Module):
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, init_values=None, drop_path=0.0, grid=None):
+    """Pre-norm transformer block: attention with the shared relative bias, MLP, BEiT's layer scale, drop path."""
+    def __init__(self, dim, num_heads, init_values=None, drop_path=0.0):
         super().__init__()
+        self.num_heads, self.drop_path = num_heads, drop_path
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias, grid)
-        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.attn = nn.ModuleDict(dict(qkv=nn.Linear(dim, 3 * dim), proj=nn.Linear(dim, dim)))   # timm's attn.* keys
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.drop_path = drop_path
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, 4 * dim), act=nn.GELU(), fc2=nn.Linear(4 * dim, dim)))
+        self.gamma_1 = nn.Parameter(init_values * torch.ones(dim)) if init_values else 1.0   # BEiT's layer scale
+        self.gamma_2 = nn.Parameter(init_values * torch.ones(dim)) if init_values else 1.0
 
-    def forward(self, x, bias=None):                                   # (B, T, D) -> (B, T, D)
-        x = x + drop_path(self.ls1(self.attn(self.norm1(x), bias)), self.drop_path, self.training)
-        return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training)
+    def attend(self, x, bias):   # x (B, L, D), bias (nh, L, L) -> (B, L, D)
+        B, L, D = x.shape
+        q, k, v = self.attn.qkv(x).view(B, L, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)   # 3 x (B, nh, L, hd)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))             # (B, nh, L, hd)
+        return self.attn.proj(x.transpose(1, 2).reshape(B, L, D))
+
+    def forward(self, x, bias):   # (B, L, D) -> (B, L, D); drop path removes a sample's residual branch
+        x = x + stochastic_depth(self.gamma_1 * self.attend(self.norm1(x), bias), self.drop_path, "row", self.training)
+        return x + stochastic_depth(self.gamma_2 * self.mlp(self.norm2(x)), self.drop_path, "row", self.training)
 
 
 class VisionTransformer(nn.Module):
-    """ViT encoder with timm parameter names. pos_embed: "learned" | "sincos" (fixed buffer) | "none".
-    rel_pos: "none" | "shared" (one BEiT table for all blocks, pre-training) | "block" (one per block, fine-tuning).
-    forward(images) -> (B, 1+N, D) normed tokens, cls first. Other image sizes interpolate the absolute positions."""
-    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
-                 qkv_bias=True, pos_embed="learned", rel_pos="none", init_values=None, drop_path=0.0, in_chans=3):
+    """BEiT-style ViT (timm names) for the enhancer and the generator. forward(images) -> (B, 1+N, D), cls first."""
+    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, pos_embed="none",
+                 init_values=None, drop_path=0.0):
         super().__init__()
-        self.patch_size, self.embed_dim, self.grid = patch_size, embed_dim, (img_size // patch_size,) * 2
+        self.patch_size, self.grid = patch_size, (img_size // patch_size,) * 2
         self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
+        self.patch_embed.proj = nn.Conv2d(3, embed_dim, patch_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = None
         if pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], embed_dim))
-            nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        else:   # "sincos": fixed, zero for cls (MAE); a buffer so timm still finds it in the state dict
-            self.register_buffer("pos_embed", F.pad(sincos_pos_embed(embed_dim, *self.grid), (0, 0, 1, 0))[None]
-                                 if pos_embed == "sincos" else None)
-        self.rel_pos_bias = RelPosBias(self.grid, num_heads) if rel_pos == "shared" else None
+        self.rel_pos_bias = RelPosBias(self.grid, num_heads)   # BEiT pre-training: one table for all blocks
         dpr = [drop_path * i / max(depth - 1, 1) for i in range(depth)]   # linearly increasing stochastic depth
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias, init_values, dpr[i],
-                                           self.grid if rel_pos == "block" else None) for i in range(depth)])
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, init_values, dpr[i]) for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.apply(self._init_weights)
-        nn.init.xavier_uniform_(self.patch_embed.proj.weight.view(embed_dim, -1))  # MAE: patch embed as a linear
-        nn.init.normal_(self.cls_token, std=0.02)
+        beit_init(self)   # BEiT's pre-training ViT, BEiT's init
 
-    @staticmethod
-    def _init_weights(m):   # MAE-style init: xavier-uniform linears, zero biases, unit LayerNorms
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
-
-    def patchify(self, images):                                        # (B, C, H, W) -> (B, N, D)
+    def patchify(self, images):   # (B, 3, H, W) -> (B, N, D)
         return self.patch_embed.proj(images).flatten(2).transpose(1, 2)
 
-    def pos_embed_for(self, h, w):   # absolute positions for an h x w grid (B, 1+h*w, D)
-        return resize_pos_embed(self.pos_embed, self.grid, (h, w))
-
-    def forward_tokens(self, x, grid):
-        """x: (B, N, D) patch embeddings (possibly with mask tokens swapped in), grid = (h, w). -> (B, 1+N, D)"""
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
+    def forward_tokens(self, x):   # x (B, N, D) patch embeddings, maybe with mask tokens -> (B, 1+N, D)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)   # (B, 1+N, D)
         if self.pos_embed is not None:
-            x = x + self.pos_embed_for(*grid)
-        bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None  # (heads, 1+N, 1+N)
+            x = x + self.pos_embed
+        bias = self.rel_pos_bias()                                              # (nh, 1+N, 1+N)
         for blk in self.blocks:
             x = blk(x, bias)
         return self.norm(x)
 
-    def forward(self, images):                                         # (B, C, H, W) -> (B, 1+N, D)
-        return self.forward_tokens(self.patchify(images), (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size))
+    def forward(self, images):
+        return self.forward_tokens(self.patchify(images))
+
+
+def beit_init(vit, mask_token=None, head=None):
+    """BEiT: trunc-normal(0.02, cut at +-0.02) weights, zero biases, unit LayerNorms, then attn.proj and mlp.fc2 of
+    block l divided by sqrt(2 l) (microsoft/unilm/beit/modeling_pretrain.py:70-84@cb36605)."""
+    for m in [*vit.modules(), *([head] if head is not None else [])]:
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=0.02, a=-0.02, b=0.02), nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
+    for t in [t for t in (vit.cls_token, vit.pos_embed, mask_token) if t is not None]:
+        nn.init.trunc_normal_(t, std=0.02, a=-0.02, b=0.02)
+    for layer, blk in enumerate(vit.blocks, start=1):
+        blk.attn.proj.weight.data.div_(math.sqrt(2 * layer)), blk.mlp.fc2.weight.data.div_(math.sqrt(2 * layer))
 
 
 def to_timm_layout(sd):
-    """Our ViT keys -> timm's. vit_* keys already match; with a BEiT relative bias, the beit_* layout: the shared
-    table copied into every block (as BEiT fine-tuning does), qkv.bias split into q_bias/v_bias (the k bias is
-    dropped: softmax ignores a per-query constant), ls{1,2}.gamma -> gamma_{1,2}."""
-    sd, table = dict(sd), sd.get("rel_pos_bias.relative_position_bias_table")
-    if table is None and not any(k.endswith("attn.relative_position_bias_table") for k in sd):
-        return sd
-    sd.pop("rel_pos_bias.relative_position_bias_table", None)
+    """Enhancer keys -> timm's beit_*: the shared table copied into every block (as BEiT fine-tuning does), qkv.bias
+    split into q_bias / v_bias (the k bias is dropped: softmax ignores a per-query constant)."""
+    sd = dict(sd)
+    table = sd.pop("rel_pos_bias.relative_position_bias_table")
     for k in [k for k in sd if k.startswith("blocks.")]:
         b, v = k[:k.index(".", 7) + 1], sd.pop(k)   # b = "blocks.{i}."
         if k.endswith("attn.qkv.bias"):
             sd[b + "attn.q_bias"], _, sd[b + "attn.v_bias"] = v.chunk(3)
         else:
-            sd[re.sub(r"ls(\d)\.gamma$", r"gamma_\1", k)] = v
-        if table is not None and k.endswith("norm1.weight"):
+            sd[k] = v
+        if k.endswith("norm1.weight"):
             sd[b + "attn.relative_position_bias_table"] = table.clone()
     return sd
-# <<< shared:vit
 
-# ----------------------------------------------------------------------------- 5. dVAE tokenizer (DALL-E layout, Sec. 2.1)
-EPS = 0.1   # DALL-E logit_laplace_eps: pixels live in [0.1, 0.9] so the logit-Laplace likelihood stays finite
-def map_pixels(x): return (1 - 2 * EPS) * x + EPS                    # [0, 1] -> [0.1, 0.9] (dall_e.map_pixels)
-def unmap_pixels(x): return ((x - EPS) / (1 - 2 * EPS)).clamp(0, 1)   # the inverse, clamped (dall_e.unmap_pixels)
+
+# ----------------------------------------------------------------------------- Appendix: dVAE tokenizer (DALL-E layout)
+EPS = 0.1   # DALL-E's logit_laplace_eps: pixels live in [0.1, 0.9] so the logit-Laplace likelihood stays finite
+
+
+def map_pixels(x):   # [0, 1] -> [0.1, 0.9] (dall_e.map_pixels)
+    return (1 - 2 * EPS) * x + EPS
+
+
+def unmap_pixels(x):   # the inverse, clamped to [0, 1] (dall_e.unmap_pixels)
+    return ((x - EPS) / (1 - 2 * EPS)).clamp(0, 1)
+
 
 class Conv(nn.Module):
-    """dall_e.utils.Conv2d: .w (out, in, k, k), .b, 'same' padding. float32 always (dall_e uses fp16 on CUDA)."""
+    """dall_e.utils.Conv2d: .w (out, in, k, k), .b, 'same' padding. Always float32 (dall_e uses fp16 on CUDA)."""
     def __init__(self, n_in, n_out, k):
         super().__init__()
         self.w = nn.Parameter(torch.randn(n_out, n_in, k, k) / math.sqrt(n_in * k * k))
         self.b = nn.Parameter(torch.zeros(n_out))
+
     def forward(self, x):
         return F.conv2d(x, self.w, self.b, padding=(self.w.shape[-1] - 1) // 2)
+
 
 class DVAEBlock(nn.Module):
     """dall_e EncoderBlock (kernels 3,3,3,1) / DecoderBlock (1,3,3,3): id_path + post_gain * res_path(relu-conv x4)."""
@@ -295,71 +520,92 @@ class DVAEBlock(nn.Module):
         self.res_path = nn.Sequential(OrderedDict(kv for i, k in enumerate(kernels) for kv in (
             (f"relu_{i + 1}", nn.ReLU()), (f"conv_{i + 1}", Conv(ch[i], ch[i + 1], k)))))
         self.post_gain = 1 / n_layers ** 2
+
     def forward(self, x):
         return self.id_path(x) + self.post_gain * self.res_path(x)
 
+
 def dvae_blocks(c_in, c_first, k_in, widths, n_blk, kernels, resample, c_out):
-    """DALL-E keys: blocks.input, blocks.group_{1..4}.block_{i} (+ pool / upsample after groups 1-3), blocks.output.conv."""
+    """DALL-E keys: blocks.input, blocks.group_{1..4}.block_{i} (+ pool / upsample after groups 1-3), blocks.output."""
     layers, prev = [("input", Conv(c_in, c_first, k_in))], c_first
     for g, width in enumerate(widths):
-        group = [(f"block_{i + 1}", DVAEBlock(prev if i == 0 else width, width, 4 * n_blk, kernels)) for i in range(n_blk)]
+        group = [(f"block_{i + 1}", DVAEBlock(prev if i == 0 else width, width, 4 * n_blk, kernels))
+                 for i in range(n_blk)]
         layers.append((f"group_{g + 1}", nn.Sequential(OrderedDict(group + ([resample()] if g < 3 else [])))))
         prev = width
     out = nn.Sequential(OrderedDict(relu=nn.ReLU(), conv=Conv(prev, c_out, 1)))
     return nn.Sequential(OrderedDict(layers + [("output", out)]))
 
-class DVAEEncoder(nn.Module):   # dall_e.Encoder: map_pixels'd (B, 3, H, W) -> logits (B, V, H/8, W/8)
-    def __init__(self, n_hid=256, n_blk_per_group=2, vocab_size=8192, input_channels=3):
-        super().__init__()
-        self.blocks = dvae_blocks(input_channels, n_hid, 7, [n_hid * m for m in (1, 2, 4, 8)], n_blk_per_group,
-                                  (3, 3, 3, 1), lambda: ("pool", nn.MaxPool2d(2)), vocab_size)
-    def forward(self, x):
-        return self.blocks(x.float())
 
-class DVAEDecoder(nn.Module):   # dall_e.Decoder: one-hot / probs (B, V, h, w) or ids (B, h, w) -> stats (B, 6, 8h, 8w)
+def dvae_encoder(n_hid=256, n_blk_per_group=2, vocab_size=8192, input_channels=3):
+    """dall_e.Encoder: map_pixels'd (B, 3, H, W) float32 -> logits (B, V, H/8, W/8)"""
+    blocks = dvae_blocks(input_channels, n_hid, 7, [n_hid * m for m in (1, 2, 4, 8)], n_blk_per_group, (3, 3, 3, 1),
+                         lambda: ("pool", nn.MaxPool2d(2)), vocab_size)
+    return nn.Sequential(OrderedDict(blocks=blocks))
+
+
+class DVAEDecoder(nn.Module):   # dall_e.Decoder: one-hot / probs (B, V, h, w) or ids (B, h, w) -> (B, 6, 8h, 8w)
     def __init__(self, n_init=128, n_hid=256, n_blk_per_group=2, vocab_size=8192, output_channels=3):
         super().__init__()
-        self.blocks = dvae_blocks(vocab_size, n_init, 1, [n_hid * m for m in (8, 4, 2, 1)], n_blk_per_group, (1, 3, 3, 3),
-                                  lambda: ("upsample", nn.Upsample(scale_factor=2, mode="nearest")), 2 * output_channels)
+        self.blocks = dvae_blocks(vocab_size, n_init, 1, [n_hid * m for m in (8, 4, 2, 1)], n_blk_per_group,
+                                  (1, 3, 3, 3), lambda: ("upsample", nn.Upsample(scale_factor=2, mode="nearest")),
+                                  2 * output_channels)
+
     def forward(self, z):
         if z.dtype == torch.long:   # a 1x1 conv of a one-hot is a column lookup: no (B, V, h, w) tensor is built
-            x = (self.blocks.input.w[:, :, 0, 0].t()[z] + self.blocks.input.b).permute(0, 3, 1, 2)   # (B, n_init, h, w)
+            x = (self.blocks.input.w[:, :, 0, 0].t()[z] + self.blocks.input.b).permute(0, 3, 1, 2)  # (B, n_init, h, w)
         else:
             x = self.blocks.input(z.float())
         return self.blocks[1:](x)   # channels 0-2: logit-Laplace means, 3-5: log-scales
+
 
 class Tokenizer(nn.Module):
     """Frozen dVAE: encode [0, 1] images -> ids (argmax, x8 smaller); decode ids / probs -> [0, 1] (as BEiT does)."""
     def __init__(self, enc_args, dec_args, size=0):
         super().__init__()
-        self.encoder, self.decoder = DVAEEncoder(**enc_args), DVAEDecoder(**dec_args)
+        self.encoder, self.decoder = dvae_encoder(**enc_args), DVAEDecoder(**dec_args)
         self.args, self.vocab_size = {"encoder": enc_args, "decoder": dec_args, "size": size}, dec_args["vocab_size"]
-    def encode(self, x01):                                             # (B, 3, S, S) -> (B, S/8, S/8) long
+
+    def encode(self, x01):   # (B, 3, S, S) -> (B, S/8, S/8) long
         return self.encoder(map_pixels(x01)).argmax(1)
-    def decode(self, z):                                               # ids (B, h, w) or probs (B, V, h, w)
-        return unmap_pixels(torch.sigmoid(self.decoder(z)[:, :3]))     # (B, 3, 8h, 8w) in [0, 1]
-    def forward(self, x01, tau, kl_weight):   # training only: Gumbel-softmax relaxation (DALL-E Sec. 2.1)
-        logits = self.encoder(map_pixels(x01))                         # (B, V, h, w)
-        return dvae_loss(self.decoder(F.gumbel_softmax(logits, tau=tau, dim=1)), x01, logits, kl_weight)
+
+    def decode(self, z):   # ids (B, h, w) or probs (B, V, h, w) -> (B, 3, 8h, 8w) in [0, 1]
+        return unmap_pixels(torch.sigmoid(self.decoder(z)[:, :3]))
+
+    def forward(self, x01, tau, kl_weight):
+        """dVAE training (DALL-E): Gumbel-softmax code; logit-Laplace NLL of map_pixels(x) + kl_weight * KL(q || U)."""
+        logits = self.encoder(map_pixels(x01))                                           # (B, V, h, w)
+        stats = self.decoder(F.gumbel_softmax(logits, tau=tau, dim=1))                   # (B, 6, 8h, 8w)
+        y, mu, log_b = map_pixels(x01), stats[:, :3], stats[:, 3:].clamp(-7, 7)
+        nll = (math.log(2) + log_b + torch.log(y * (1 - y)) + (torch.logit(y) - mu).abs() / log_b.exp()).mean()
+        logq = F.log_softmax(logits, dim=1)
+        kl = (logq.exp() * (logq + math.log(logits.shape[1]))).sum(1).mean()
+        mse = ((unmap_pixels(torch.sigmoid(mu)) - x01) ** 2).mean().detach()
+        return nll + kl_weight * kl, {"nll": nll.detach(), "kl": kl.detach(), "mse": mse}
+
     def state(self):   # the plain, pickle-free tokenizer file
         return {"encoder": self.encoder.state_dict(), "decoder": self.decoder.state_dict(), "args": self.args}
+
 
 def new_tokenizer(cfg, size=0):
     a = dict(n_hid=cfg.tok_hid, n_blk_per_group=cfg.tok_blocks, vocab_size=cfg.tok_vocab)
     return Tokenizer(a, dict(a, n_init=128), size)
 
+
 def read_dvae_file(path, trust_pickle):
     """A plain state dict or tokenizer file (weights_only), or with --trust-pickle a pickled dall_e module."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError:
-        if not trust_pickle:
-            fail(f"{path} is not a plain weights file (a pickled module such as DALL-E's encoder.pkl, or not a "
-                 "checkpoint at all). Unpickling runs code from the file: pass --trust-pickle if you trust its source")
-        obj = torch.load(path, map_location="cpu", weights_only=False)   # DALL-E's: pip install --no-deps DALL-E attrs
+        fail(f"{path} is not a plain weights file (a pickled module such as DALL-E's encoder.pkl, or not a "
+             "checkpoint at all). Unpickling runs code from the file: pass --trust-pickle if you trust its source")
+    except ModuleNotFoundError as e:   # DALL-E's .pkl files are dall_e modules
+        fail(f"{path} is a pickled module that needs the Python package '{e.name}' (DALL-E's files: "
+             "pip install --no-deps DALL-E attrs)")
     except Exception as e:
         fail(f"cannot read tokenizer file {path}: {str(e).splitlines()[0]}")
     return obj.state_dict() if isinstance(obj, nn.Module) else obj
+
 
 def dvae_args(sd, kind, path):
     """Architecture of a DALL-E-layout state dict, read from its shapes (encoder input conv 7x7, decoder 1x1)."""
@@ -373,6 +619,7 @@ def dvae_args(sd, kind, path):
         return dict(n_hid=w_in.shape[0], n_blk_per_group=n_blk, vocab_size=w_out.shape[0], input_channels=w_in.shape[1])
     return dict(n_init=w_in.shape[0], n_hid=w_out.shape[1], n_blk_per_group=n_blk, vocab_size=w_in.shape[1],
                 output_channels=w_out.shape[0] // 2)
+
 
 def load_tokenizer(cfg):
     """--tokenizer random | PATH, or --dvae-encoder + --dvae-decoder -> frozen Tokenizer. Fails on any mismatch."""
@@ -401,300 +648,53 @@ def load_tokenizer(cfg):
              f"{tok_size(cfg) // 8}x{tok_size(cfg) // 8} (--img-size / --patch-size): retrain it or change the sizes")
     return tok.eval().requires_grad_(False)
 
-# ----------------------------------------------------------------------------- 6. Masking and corruption (pure)
-def random_mask(B, N, ratio, device):
-    """Uniform random masking (the paper's choice): (B, N) bool, True = masked, exactly round(N * ratio) per row."""
-    return torch.rand(B, N, device=device).argsort(1).argsort(1) < int(round(N * ratio))
 
-def block_mask(B, h, w, ratio, device, min_patches=16):
-    """BEiT blockwise masking, batched: blocks of area U(16, rest), aspect log-U(0.3, 3.3), kept if they add 1..rest
-    new patches (BEiT's rule). Fixed attempts, no host sync: a row may end a little under target. (B, h*w) bool."""
-    target, mask = int(round(h * w * ratio)), torch.zeros(B, h, w, dtype=torch.bool, device=device)
-    ys, xs, r = torch.arange(h, device=device).view(1, h, 1), torch.arange(w, device=device).view(1, 1, w), torch.rand
-    for _ in range(10 * max(1, target // min_patches)):
-        remaining = target - mask.flatten(1).sum(1)                                        # (B,)
-        area = min_patches + r(B, device=device) * (remaining - min_patches)
-        aspect = torch.exp(math.log(0.3) + r(B, device=device) * 2 * math.log(1 / 0.3))
-        bh, bw = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()            # (B,) block size
-        top, left = ((r(B, device=device) * (n - s + 1)).floor().view(B, 1, 1) for n, s in ((h, bh), (w, bw)))
-        block = (ys >= top) & (ys < top + bh.view(B, 1, 1)) & (xs >= left) & (xs < left + bw.view(B, 1, 1))  # (B, h, w)
-        new = (block & ~mask).flatten(1).sum(1)
-        ok = (bh > 0) & (bh < h) & (bw > 0) & (bw < w) & (new > 0) & (new <= remaining)
-        mask |= block & ok.view(B, 1, 1)
-    return mask.flatten(1)
-
-def sample_tokens(logits, temperature):
-    """One exact sample per position from softmax(logits / T) (Gumbel-max trick). (B, N, V) -> (B, N) long."""
-    u = torch.rand(logits.shape, device=logits.device).clamp_(min=1e-20)
-    return (logits.float() / temperature - torch.log(-torch.log(u))).argmax(-1)
-
-def corrupt_tokens(ids, mask, sampled):
-    """Sec. 2.1: masked positions take the sample, others keep the tokenizer id. RevDet label (Sec. 2.2, ELECTRA):
-    replaced = final token != original, so a sample equal to the original is "not replaced". All (B, N)."""
-    corrupt_ids = torch.where(mask, sampled, ids)
-    return corrupt_ids, corrupt_ids != ids
-
-def window_norm(x, k, eps=1e-6):
-    """ResPix target: pixels normalised by mean / std of the k x k window around them (reflect pad). -> (t, mean, std)"""
-    xp = F.pad(x.float(), (k // 2, (k - 1) // 2, k // 2, (k - 1) // 2), mode="reflect")
-    mean = F.avg_pool2d(xp, k, stride=1)
-    std = (F.avg_pool2d(xp * xp, k, stride=1) - mean * mean).clamp(min=0).add(eps).sqrt()
-    return (x - mean) / std, mean, std
-
-def resize(x, size, mode="bicubic"):   # (B, C, H, W) -> (B, C, size, size), antialiased when shrinking
-    return x if x.shape[-2:] == (size, size) else F.interpolate(x, (size, size), mode=mode, antialias=mode != "nearest")
-
-def tok_size(cfg):   # tokenizer view side: its x8 grid is the patch grid (224 / 16 = 14 -> 112, as BEiT)
-    return 8 * (cfg.img_size // cfg.patch_size)
-
-# ----------------------------------------------------------------------------- 7. Losses
-def mim_loss(logits, ids, mask):
-    """L_gen (BEiT Eq. 1): cross-entropy of logits (B, N, V) vs tokenizer ids (B, N) on masked positions (True)."""
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten(), reduction="none").view_as(mask)
-    return (ce * mask).sum() / mask.sum().clamp(min=1)
-
-def respix_loss(pred, target, l1_weight):
-    """L_enh of ResPix (Sec. 2.2): regress the window-normalised original at ALL pixels. pred, target (B, 3, H, W)."""
-    d = pred.float() - target
-    return l1_weight * d.abs().mean() + (1 - l1_weight) * (d * d).mean()
-
-def revdet_loss(logits, replaced):
-    """L_enh of RevDet (Sec. 2.2, ELECTRA): binary cross-entropy of per-token logits (B, N) vs replaced (B, N) bool."""
-    return F.binary_cross_entropy_with_logits(logits.float(), replaced.float())
-
-def dvae_loss(stats, x01, logits, kl_weight):
-    """DALL-E dVAE loss: logit-Laplace NLL of map_pixels(x) under stats (mu, log b) + kl_weight * KL(q || uniform)."""
-    y, mu, log_b = map_pixels(x01), stats[:, :3], stats[:, 3:].clamp(-7, 7)
-    nll = (math.log(2) + log_b + torch.log(y * (1 - y)) + (torch.logit(y) - mu).abs() / log_b.exp()).mean()
-    logq = F.log_softmax(logits, dim=1)
-    kl = (logq.exp() * (logq + math.log(logits.shape[1]))).sum(1).mean()
-    mse = ((unmap_pixels(torch.sigmoid(mu)) - x01) ** 2).mean().detach()
-    return nll + kl_weight * kl, {"nll": nll.detach(), "kl": kl.detach(), "mse": mse}
-
-# ----------------------------------------------------------------------------- 8. Model
-class CIM(nn.Module):
-    """Generator (small BEiT + lm head) and enhancer (ViT / ResNet-50 + per-token head); forward -> (loss, logs)."""
-    def __init__(self, cfg, tokenizer):
-        super().__init__()
-        object.__setattr__(self, "tokenizer", tokenizer)   # frozen, no submodule: out of state_dict / optimizer / DDP
-        self.cfg, self.grid, self.tok_size = cfg, cfg.img_size // cfg.patch_size, tok_size(cfg)
-        if cfg.arch == "resnet50":   # its stride-16 map is the token grid, so it sees 16 * grid px (224 at patch 16)
-            self.enhancer, D, self.enh_size = torchvision.models.resnet50(), 512, 16 * self.grid
-            self.enhancer.fc = nn.Identity()   # torchvision layout without fc.*: what finetune.py loads
-            self.enhancer_neck = nn.ModuleDict({"lat3": nn.Conv2d(1024, D, 1), "lat4": nn.Conv2d(2048, D, 1)})
-            self.encoder_args = {"arch": "resnet50"}
-        else:
-            D, depth, heads = VIT_SIZES[cfg.arch]
-            kw = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=D, depth=cfg.depth or depth,
-                      num_heads=heads, pos_embed=cfg.pos_embed, rel_pos=cfg.rel_pos, init_values=cfg.init_values or None)
-            self.enhancer, self.enh_size = VisionTransformer(**kw, drop_path=cfg.drop_path), cfg.img_size
-            self.encoder_args = {"arch": "vit", **kw}
-        self.P = self.enh_size // self.grid                                # enhancer pixels per token side
-        self.enhancer_head = nn.Linear(D, 3 * self.P ** 2 if cfg.objective == "respix" else 1)   # per token
-        Dg = cfg.gen_dim or (D if cfg.arch != "resnet50" else 768)
-        self.generator = VisionTransformer(cfg.img_size, cfg.patch_size, Dg, cfg.gen_depth, Dg // 64, pos_embed=cfg.pos_embed,
-                                           rel_pos=cfg.rel_pos, init_values=cfg.init_values or None, drop_path=cfg.drop_path)
-        if cfg.gen_share_blocks:   # the same module objects: one set of weights, trained by both losses
-            self.generator.patch_embed = self.enhancer.patch_embed
-            for i in range(cfg.gen_share_blocks):
-                self.generator.blocks[i] = self.enhancer.blocks[i]
-        self.generator_mask_token = nn.Parameter(torch.zeros(1, 1, Dg))   # weight-decayed, as in BEiT
-        self.generator_head = nn.Linear(Dg, tokenizer.vocab_size)         # BEiT lm_head
-        nn.init.trunc_normal_(self.generator_mask_token, std=0.02), nn.init.trunc_normal_(self.generator_head.weight, std=0.02)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-    def normalize(self, x01):
-        return (x01 - self.mean) / self.std
-    def corrupt(self, x01):
-        """Sec. 2.1. x01 (B, 3, H, W) in [0, 1] -> ids, mask, corrupt_ids, replaced (B, N), logits, corrupted (B, 3, S, S)"""
-        cfg, B, g, dev = self.cfg, x01.shape[0], self.grid, x01.device
-        with torch.no_grad(), torch.autocast(dev.type, enabled=False):   # frozen dVAE, float32
-            ids = self.tokenizer.encode(resize(x01.float(), self.tok_size).clamp(0, 1)).flatten(1)   # (B, N) "golden"
-        mask = random_mask(B, g * g, cfg.mask_ratio, dev) if cfg.mask_type == "random" else block_mask(B, g, g, cfg.mask_ratio, dev)
-        x = self.generator.patchify(self.normalize(x01))                                 # (B, N, Dg)
-        x = torch.where(mask[..., None], self.generator_mask_token.to(x.dtype), x)       # BEiT [MASK] input
-        logits = self.generator_head(self.generator.forward_tokens(x, (g, g))[:, 1:])    # (B, N, V)
-        with torch.no_grad(), torch.autocast(dev.type, enabled=False):   # sampling: no gradient reaches the generator
-            corrupt_ids, replaced = corrupt_tokens(ids, mask, sample_tokens(logits, cfg.sample_temperature))
-            corrupted = self.tokenizer.decode(corrupt_ids.view(B, g, g))                 # (B, 3, 8g, 8g)
-            corrupted = resize(corrupted, self.enh_size, cfg.corrupt_upsample).clamp(0, 1)   # (B, 3, S, S)
-        return dict(ids=ids, mask=mask, logits=logits, corrupt_ids=corrupt_ids, replaced=replaced, corrupted=corrupted)
-    def enhance(self, corrupted):
-        """Enhancer + per-token head: (B, 3, S, S) in [0, 1] -> (B, N, 3 P^2) for ResPix or (B, N, 1) for RevDet."""
-        x = self.normalize(corrupted)
-        if self.cfg.arch != "resnet50":
-            return self.enhancer_head(self.enhancer(x)[:, 1:])                           # ViT: one row per patch
-        r, neck = self.enhancer, self.enhancer_neck
-        c4 = r.layer3(r.layer2(r.layer1(r.maxpool(r.relu(r.bn1(r.conv1(x.contiguous(memory_format=torch.channels_last))))))))
-        c5 = r.layer4(c4)                                                                # (B, 2048, g/2, g/2)
-        f = neck.lat3(c4) + F.interpolate(neck.lat4(c5), size=c4.shape[-2:], mode="nearest")   # (B, D, g, g), stride 16
-        return self.enhancer_head(f.flatten(2).transpose(1, 2))   # layer4 feeds the head too, so it is pre-trained
-    def unpatchify(self, out):                                             # (B, N, 3 P^2) -> (B, 3, S, S)
-        B, g, P = out.shape[0], self.grid, self.P
-        return out.view(B, g, g, P, P, 3).permute(0, 5, 1, 3, 2, 4).reshape(B, 3, g * P, g * P)
-    def forward(self, images):   # images: (B, 3, H, W) uint8 from the loader, or float in [0, 1]
-        x01 = images.float() / 255 if images.dtype == torch.uint8 else images
-        c = self.corrupt(x01)
-        loss_gen, out = mim_loss(c["logits"], c["ids"], c["mask"]), self.enhance(c["corrupted"])
-        if self.cfg.objective == "respix":
-            with torch.no_grad():
-                target = window_norm(self.normalize(resize(x01, self.enh_size)), self.cfg.respix_window)[0]
-            loss_enh = respix_loss(self.unpatchify(out.float()), target, self.cfg.respix_l1)
-        else:
-            loss_enh = revdet_loss(out[..., 0], c["replaced"])
-        acc = ((c["logits"].detach().argmax(-1) == c["ids"]) & c["mask"]).sum() / c["mask"].sum().clamp(min=1)
-        return loss_gen + self.cfg.lam * loss_enh, {"loss_gen": loss_gen.detach(), "loss_enh": loss_enh.detach(),
-                                                     "gen_acc": acc, "replaced": c["replaced"].float().mean()}
-
-# ----------------------------------------------------------------------------- 9. Data
-def build_transform(cfg):
-    """BEiT: crop 0.08-1 bicubic, flip, ColorJitter 0.4 (after the crop: cheaper) -> uint8; other views on device."""
-    return T.Compose([T.RandomResizedCrop(cfg.img_size, scale=(cfg.crop_min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(), T.ColorJitter(0.4, 0.4, 0.4), T.PILToTensor()])
-
-# ----------------------------------------------------------------------------- 10. Tokenizer training, visualisation
-def train_tokenizer(cfg, rank, world, device, path):
-    """DALL-E's dVAE recipe in small on the pre-training tokenizer view (Gumbel tau 1 -> 1/16). Not resumable."""
-    tok = new_tokenizer(cfg, tok_size(cfg)).to(device)
-    loader = build_loader(build_dataset(cfg.data, "train", build_transform(cfg), cfg.img_size), cfg.batch_size, world,
-                          rank, cfg.seed, cfg.workers, device)
-    spe = min(len(loader), cfg.steps_per_epoch or len(loader))
-    total, model = cfg.tok_epochs * spe, nn.parallel.DistributedDataParallel(tok) if world > 1 else tok
-    opt = torch.optim.AdamW(tok.parameters(), lr=cfg.tok_lr, weight_decay=0.0, fused=device.type == "cuda")
-    lrs, taus = cosine_schedule(cfg.tok_lr, cfg.tok_lr / 10, total, spe), cosine_schedule(1.0, 1 / 16, total)
-    progress = Progress(total, cfg.batch_size * world, cfg.log_every)
-    for epoch in range(cfg.tok_epochs):
-        loader.sampler.set_epoch(epoch)
-        for i, (images, _) in enumerate(itertools.islice(loader, spe)):
-            it = epoch * spe + i
-            opt.param_groups[0]["lr"] = lrs[it]
-            x = resize(images.to(device, non_blocking=True).float() / 255, tok_size(cfg)).clamp(0, 1)
-            loss, logs = model(x, taus[it], cfg.tok_kl)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            progress.step(it, epoch, {"loss": loss, **logs}, lrs[it])
-    if rank == 0: save_checkpoint(tok.state(), path)
-    if world > 1: torch.distributed.barrier()   # the other ranks load the file next
-
+# ----------------------------------------------------------------------------- Appendix: visualisation, checks
 @torch.no_grad()
 def visualize(m, images, path):
-    """Rows: original | dVAE reconstruction | corrupted | replaced | ResPix output (window stats undone) or RevDet prob."""
+    """Columns: original | dVAE recon | corrupted | replaced | ResPix output (window stats undone) or RevDet prob."""
     x01, g = images[:8].float() / 255, m.grid   # eval mode here; the next epoch calls train() again
     B, c = x01.shape[0], m.eval().corrupt(x01)
     out = m.enhance(c["corrupted"]).float()
     if m.cfg.objective == "respix":
-        _, mean, std = window_norm(m.normalize(resize(x01, m.enh_size)), m.cfg.respix_window)
+        _, mean, std = window_norm(m.normalize(resize(x01, m.enh_size)), m.cfg.respix_window, m.cfg.respix_eps)
         pred = (m.unpatchify(out) * std + mean) * m.std + m.mean
     else:
         pred = torch.sigmoid(out[..., 0]).view(B, 1, g, g).expand(-1, 3, -1, -1)
     panels = (x01, m.tokenizer.decode(c["ids"].view(B, g, g)), c["corrupted"],
               c["replaced"].float().view(B, 1, g, g).expand(-1, 3, -1, -1), pred)
-    panels = [resize(p.float(), m.cfg.img_size, "nearest" if p.shape[-1] == g else "bicubic").clamp(0, 1) for p in panels]
+    panels = [resize(p.float(), m.cfg.img_size, "nearest" if p.shape[-1] == g else "bicubic").clamp(0, 1)
+              for p in panels]
     save_image(torch.stack(panels, 1).flatten(0, 1), path, nrow=5)
 
-# ----------------------------------------------------------------------------- 11. main
+
 def validate(cfg):
     """Every bad flag or missing file -> one clear error before any data, model or tokenizer is loaded."""
-    choices = {"arch": ["resnet50", *VIT_SIZES], "objective": ["respix", "revdet"], "mask_type": ["random", "block"],
-               "amp": ["bf16", "fp16", "off"], "corrupt_upsample": ["bicubic", "bilinear", "nearest"],
-               "pos_embed": ["none", "learned", "sincos"], "rel_pos": ["shared", "block", "none"]}
-    for k, v in [(k, v) for k, v in choices.items() if getattr(cfg, k) not in v]:
-        fail(f"--{k.replace('_', '-')} {getattr(cfg, k)}: choose from {', '.join(v)}")
-    grid = cfg.img_size // cfg.patch_size
+    for k, allowed in cfg.CHOICES.items():
+        if getattr(cfg, k) not in allowed:
+            fail(f"--{k.replace('_', '-')} {getattr(cfg, k)}: choose from {', '.join(allowed)}")
     if cfg.img_size % cfg.patch_size:
         fail(f"--img-size {cfg.img_size} is not a multiple of --patch-size {cfg.patch_size}")
     if not (0 < cfg.mask_ratio < 1 and cfg.sample_temperature > 0 and cfg.lam >= 0 and 0 <= cfg.respix_l1 <= 1
             and 0 < cfg.crop_min_scale <= 1):
         fail("need 0 < --mask-ratio < 1, --sample-temperature > 0, --lam >= 0, 0 <= --respix-l1, --crop-min-scale <= 1")
-    if not 1 <= cfg.respix_window <= min(cfg.img_size, 16 * grid) // 2:
+    if not 1 <= cfg.respix_window <= min(cfg.img_size, 16 * (cfg.img_size // cfg.patch_size)) // 2:
         fail(f"--respix-window {cfg.respix_window}: must be between 1 and half the image side")
     D, depth = VIT_SIZES.get(cfg.arch, (768, 0))[:2]
-    if (cfg.gen_dim or D) % 64 or cfg.gen_share_blocks and (not depth or (cfg.gen_dim or D) != D
-                                                           or cfg.gen_share_blocks > min(cfg.gen_depth, cfg.depth or depth)):
+    Dg, K = cfg.gen_dim or D, cfg.gen_share_blocks
+    if Dg % 64 or K and (not depth or Dg != D or K > min(cfg.gen_depth, cfg.depth or depth)):
         fail("--gen-dim must be a multiple of 64 (heads of width 64); --gen-share-blocks K needs a ViT enhancer of the "
              "generator's width and K <= both depths")
-    if cfg.train_tokenizer and cfg.tokenizer == "random":   # a preset's smoke default gives way to training
-        cfg.tokenizer = ""
+    if cfg.tokenizer == "random" and (cfg.train_tokenizer or cfg.dvae_encoder or cfg.dvae_decoder):
+        cfg.tokenizer = ""   # a preset's smoke-test default gives way to a real tokenizer
     if sum([bool(cfg.tokenizer), bool(cfg.dvae_encoder and cfg.dvae_decoder), cfg.train_tokenizer]) != 1 or \
             bool(cfg.dvae_encoder) != bool(cfg.dvae_decoder):
         fail("give exactly one tokenizer: --tokenizer PATH (from --train-tokenizer), --dvae-encoder E --dvae-decoder D "
              "(both; DALL-E's need --trust-pickle), --train-tokenizer, or --tokenizer random (smoke tests only)")
     for p in (cfg.dvae_encoder, cfg.dvae_decoder, "" if cfg.tokenizer == "random" else cfg.tokenizer):
-        if p and not os.path.isfile(p): fail(f"tokenizer file {p} does not exist")
+        if p and not os.path.isfile(p):
+            fail(f"tokenizer file {p} does not exist")
 
-def save(cfg, raw_model, opt, scaler, epoch, step, rank):
-    layout = dict if cfg.arch == "resnet50" else to_timm_layout   # torchvision keys (no fc.*) or timm keys
-    if rank == 0:
-        save_checkpoint({"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                         "step": step, "epoch": epoch, "rng": rng_state(), "config": dataclasses.asdict(cfg),
-                         "encoders": {"enhancer": layout(raw_model.enhancer.state_dict())},
-                         "encoder_args": raw_model.encoder_args, "default_encoder": "enhancer"},
-                        os.path.join(cfg.out, "checkpoint.pth"))
-
-def main(cfg):
-    validate(cfg)
-    rank, world, device = setup_dist(cfg.device)
-    seed_all(cfg.seed + rank)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # also for the fp32 dVAE
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if device.type == "cuda" else None
-    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    prepare_out(cfg.out, cfg, __file__)
-    if cfg.train_tokenizer:                                            # METHOD: own dVAE where DALL-E's is unavailable
-        cfg.tokenizer = os.path.join(cfg.out, "tokenizer.pth")
-        if not os.path.isfile(cfg.tokenizer):
-            train_tokenizer(cfg, rank, world, device, cfg.tokenizer)
-        if cfg.epochs == 0: return   # tokenizer only
-    tokenizer = load_tokenizer(cfg).to(device)                         # METHOD: file errors stop the run here
-    if cfg.trust_pickle and not cfg.tokenizer and rank == 0:   # later runs: --tokenizer OUT/tokenizer.pth, no pickle
-        save_checkpoint(tokenizer.state(), os.path.join(cfg.out, "tokenizer.pth"))
-    dataset = build_dataset(cfg.data, "train", build_transform(cfg), cfg.img_size)
-    loader = build_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device)
-    steps_per_epoch = min(len(loader), cfg.steps_per_epoch or len(loader))
-    total_steps = cfg.epochs * steps_per_epoch
-    raw_model = CIM(cfg, tokenizer).to(device, memory_format=torch.channels_last if cfg.arch == "resnet50" else None)
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    lr = cfg.blr * cfg.batch_size * world / 256
-    print0(f"lr = {cfg.blr} * {cfg.batch_size} * {world} / 256 = {lr:.2e}; {raw_model.grid}^2 tokens, tokenizer view "
-           f"{raw_model.tok_size}px, {cfg.arch} enhancer at {raw_model.enh_size}px")
-    opt = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
-    lr_sched = cosine_schedule(lr, cfg.min_lr, total_steps, cfg.warmup_epochs * steps_per_epoch)
-    start = resume(cfg.out, raw_model, opt, scaler, rank, cfg.seed)
-    progress, last = Progress(total_steps, cfg.batch_size * world, cfg.log_every), {}
-    for epoch in range(start // steps_per_epoch, cfg.epochs):
-        loader.sampler.set_epoch(epoch)
-        loader.sampler.start_step = first = start % steps_per_epoch if epoch == start // steps_per_epoch else 0
-        raw_model.train()
-        for i, (images, _) in enumerate(itertools.islice(loader, steps_per_epoch - first), start=first):
-            it = epoch * steps_per_epoch + i
-            for g in opt.param_groups:
-                g["lr"] = lr_sched[it]
-            images = images.to(device, non_blocking=True)
-            with autocast():
-                loss, logs = model(images)                             # METHOD: corrupt, enhance, L_gen + lam * L_enh
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.clip_grad > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
-            scaler.step(opt)
-            scaler.update()
-            vals = progress.step(it, epoch, {"loss": loss, **logs}, lr_sched[it])
-            last = vals or last
-            if (vals is not None or i + 1 == steps_per_epoch) and not math.isfinite(loss.item()):   # before any save
-                fail(f"loss is {loss.item()} at step {it + 1}; last good checkpoint kept in {cfg.out}")
-            if cfg.stop_after and it + 1 - start >= cfg.stop_after:
-                save(cfg, raw_model, opt, scaler, epoch, it + 1, rank)
-                return print0(f"stopping after {cfg.stop_after} steps; run the same command again to resume")
-        save(cfg, raw_model, opt, scaler, epoch, it + 1, rank)
-        log_json(cfg.out, {"epoch": epoch, "step": it + 1, **last})
-        if cfg.viz_every and (epoch + 1) % cfg.viz_every == 0 and rank == 0:
-            visualize(raw_model, images, os.path.join(cfg.out, f"viz_epoch{epoch}.png"))   # METHOD
-        if dataset.skipped.item():
-            print0(f"skipped {dataset.skipped.item()} unreadable images so far")
 
 if __name__ == "__main__":
     main(parse_config(Config))
