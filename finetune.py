@@ -1,18 +1,15 @@
 """
-finetune.py - evaluate any method's pre-trained encoder by the protocol its paper's table uses:
-full fine-tuning (BEiT run_class_finetuning.py / MAE main_finetune.py), linear probe (MAE main_linprobe.py; BEiT's
-per-block probe as an option) or weighted kNN (DINO eval_knn.py). Loads `encoders[--from]` of a checkpoint written by
-conmim.py, cim_correlate.py or cim_corrupt.py (ViT in timm vit_* / beit_* key layout, or torchvision ResNet-50), or a
-randomly initialised encoder (`--pretrained random`) as the baseline. Protocols and sources: docs/finetune.md.
+finetune.py - evaluate any method's pre-trained encoder with the protocol its paper's tables use: fine-tuning (BEiT
+run_class_finetuning.py / MAE main_finetune.py), linear probe (MAE main_linprobe.py; BEiT's per-block probe as an
+option) or weighted kNN (DINO eval_knn.py), on `encoders[--from]` of a conmim.py / cim_correlate.py / cim_corrupt.py
+checkpoint (timm vit_* / beit_* layout, or torchvision ResNet-50) or a random encoder. Protocols: docs/finetune.md.
 
     python finetune.py --pretrained out/conmim/checkpoint.pth --data /imagenet --mode finetune   # BEiT/MAE recipe
     python finetune.py --pretrained out/conmim/checkpoint.pth --data /imagenet --mode linear     # MAE linear probe
     python finetune.py --pretrained out/conmim/checkpoint.pth --data /imagenet --mode knn        # DINO 20-NN
     torchrun --nproc_per_node 8 finetune.py --pretrained ... --data /imagenet --batch-size 128   # 8 GPUs, batch 1024
-    python finetune.py --preset tiny --pretrained random --data synthetic                        # CPU smoke run
 
-Measured: ImageNet numbers not measured here. Sections: config | protocols (RandAugment, LARS, heads, layer decay,
-kNN) | data | train / eval / main | appendix: encoder loading and the ViT it needs.
+ImageNet numbers: not measured. Sections: config | protocols | data | train, eval, main | appendix: encoder loading.
 """
 import dataclasses
 import os
@@ -66,7 +63,6 @@ class Config:
     knn_t: float = 0.07           # temperature of the exp(sim / t) vote weights (DINO)
     device: str = "cuda"          # "cpu" works (slowly)
     amp: str = "bf16"             # CUDA only; CPU runs fp32
-    compile: bool = False         # torch.compile the model
     workers: int = 10             # data loader processes per GPU
     steps_per_epoch: int = 0      # 0 = full pass; >0 caps it (smoke tests)
     stop_after: int = 0           # exit after this many steps of this run, leaving a resumable checkpoint; 0 = off
@@ -109,10 +105,8 @@ RA_OPS = {   # timm's 15 "increasing" ops: name -> (level m of 10 -> argument, r
     "SolarizeIncreasing": (lambda m: 256 - int(256 * m / 10), False, lambda img, v: ImageOps.solarize(img, v)),
     "SolarizeAdd": (lambda m: min(128, int(110 * m / 10)), False,
                     lambda img, v: img.point([min(255, i + v) if i < 128 else i for i in range(256)] * 3)),
-    "ColorIncreasing": (lambda m: 0.9 * m / 10, True, _enhance("Color")),   # enhance factor 1 +- level
-    "ContrastIncreasing": (lambda m: 0.9 * m / 10, True, _enhance("Contrast")),
-    "BrightnessIncreasing": (lambda m: 0.9 * m / 10, True, _enhance("Brightness")),
-    "SharpnessIncreasing": (lambda m: 0.9 * m / 10, True, _enhance("Sharpness")),
+    **{f"{k}Increasing": (lambda m: 0.9 * m / 10, True, _enhance(k))   # enhance factor 1 +- level
+       for k in ("Color", "Contrast", "Brightness", "Sharpness")},
     "ShearX": (lambda m: 0.3 * m / 10, True, lambda img, v: _affine(img, (1, v, 0, 0, 1, 0))),
     "ShearY": (lambda m: 0.3 * m / 10, True, lambda img, v: _affine(img, (1, 0, 0, v, 1, 0))),
     "TranslateXRel": (lambda m: 0.45 * m / 10, True, lambda img, v: _affine(img, (1, 0, v * img.size[0], 0, 1, 0))),
@@ -158,15 +152,6 @@ class LARS(torch.optim.Optimizer):
                 p.add_(mu.mul_(g["momentum"]).add_(d), alpha=-g["lr"])
 
 
-def pool_names(mode, pool, probe, is_vit, depth):
-    """The features a run reports: ResNet avg; ViT cls and/or mean; BEiT's probe: one per block."""
-    if not is_vit:
-        return ["avg"]
-    if mode == "linear" and probe == "blocks":
-        return [f"block{i + 1}" for i in range(depth)]
-    return ["cls", "mean"] if pool == "both" else [pool]
-
-
 class Classifier(nn.Module):
     """Encoder + one head per pooled feature. Pooling (BEiT/MAE): mean = LayerNorm of the mean of the raw patch tokens
     (the encoder's final norm unused; learned fc_norm when fine-tuning, a fresh frozen one, i.e. no affine, when
@@ -176,10 +161,12 @@ class Classifier(nn.Module):
     def __init__(self, encoder, dim, num_classes, mode, pool, is_vit, probe="final"):
         super().__init__()
         self.encoder, self.mode, self.is_vit, self.probe = encoder, mode, is_vit, probe
-        self.names = pool_names(mode, pool, probe, is_vit, len(getattr(encoder, "blocks", [])))
+        blocks = mode == "linear" and probe == "blocks" and is_vit   # BEiT's probe: one head per block
+        self.names = ["avg"] if not is_vit else [f"block{i + 1}" for i in range(len(encoder.blocks))] if blocks \
+            else ["cls", "mean"] if pool == "both" else [pool]
         if mode == "finetune" and pool == "mean" and is_vit:
             self.encoder.norm, self.fc_norm = nn.Identity(), nn.LayerNorm(dim, eps=1e-6)   # BEiT use_mean_pooling
-        in_dim = 2 * dim if probe == "blocks" and mode == "linear" and is_vit else dim
+        in_dim = 2 * dim if blocks else dim
         self.heads = nn.ModuleDict({n: nn.Linear(in_dim, num_classes) for n in self.names})
         for h in self.heads.values():
             nn.init.trunc_normal_(h.weight, std=0.01 if mode == "linear" else 0.02)   # MAE linprobe / BEiT
@@ -195,7 +182,7 @@ class Classifier(nn.Module):
         if not self.is_vit:
             return {"avg": self.encoder(x.contiguous(memory_format=torch.channels_last))}
         outs = self.encoder.forward_blocks(x)                 # per block (B, 1+N, D), raw
-        if self.names[0].startswith("block"):
+        if self.names[0].startswith("block"):   # [cls, mean] of every raw block output
             return {n: torch.cat([t[:, 0], t[:, 1:].mean(1)], -1) for n, t in zip(self.names, outs)}
         t, feats = outs[-1], {}
         if "cls" in self.names:
@@ -229,8 +216,8 @@ def layer_decay_groups(model, weight_decay, layer_decay):
         layer = int(n.split(".")[1]) + 1 if n.startswith("blocks.") else 0 if n.startswith(
             ("cls_token", "pos_embed", "patch_embed")) else L + 1
         wd = 0.0 if no_decay(n, p) else weight_decay
-        g = groups.setdefault((layer, wd), {"params": [], "weight_decay": wd, "lr_scale": layer_decay ** (L + 1 - layer)})
-        g["params"].append(p)
+        groups.setdefault((layer, wd), {"params": [], "weight_decay": wd, "lr_scale": layer_decay ** (L + 1 - layer)})
+        groups[layer, wd]["params"].append(p)
     return list(groups.values())
 
 
@@ -318,9 +305,9 @@ def check(cfg, args):
     """Every bad combination: one error line before any work."""
     is_vit = args["arch"] == "vit"
     for bad, msg in [(cfg.mode == "finetune" and cfg.pool == "both", "--pool both is for --mode linear / knn"),
-                     (cfg.probe == "blocks" and (cfg.mode != "linear" or not is_vit), "--probe blocks: linear, ViT only"),
+                     (cfg.probe == "blocks" and (cfg.mode != "linear" or not is_vit), "--probe blocks: linear ViT only"),
                      (cfg.warmup_epochs > 0 and cfg.mode != "knn" and cfg.warmup_epochs >= cfg.epochs,
-                      f"--warmup-epochs {cfg.warmup_epochs} >= --epochs {cfg.epochs}: the lr would never reach its peak"),
+                      f"--warmup-epochs {cfg.warmup_epochs} >= --epochs {cfg.epochs}: the lr never reaches its peak"),
                      (min(cfg.epochs, cfg.batch_size, cfg.log_every) < 1, "--epochs, --batch-size, --log-every >= 1")]:
         if bad:
             fail(msg)
@@ -364,9 +351,8 @@ def main(cfg):
                            "skipped": skipped_images(train_set) + skipped_images(val_set)})
         return {"top1": top1, "top5": top5, "per_pool": res}
 
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = raw_model if world == 1 else nn.parallel.DistributedDataParallel(
+        raw_model, device_ids=[device.index] if device.type == "cuda" else None)
     steps_per_epoch = min(len(loader), cfg.steps_per_epoch or len(loader))
     total_steps = cfg.epochs * steps_per_epoch
     lr = cfg.blr * cfg.batch_size * world / 256
@@ -433,9 +419,10 @@ def main(cfg):
                 best = top1
                 save_checkpoint({"model": raw_model.state_dict(), "epoch": epoch, "top1": top1, "settings": settings,
                                  "config": dataclasses.asdict(cfg)}, os.path.join(cfg.out, "best.pth"))
-            save_checkpoint({"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                             "step": it + 1, "epoch": epoch, "rng": rng_state(), "best": best, "settings": settings,
-                             "config": dataclasses.asdict(cfg)}, os.path.join(cfg.out, "checkpoint.pth"))
+            save_checkpoint({"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "step": it + 1,
+                             "scaler": scaler.state_dict(), "epoch": epoch, "rng": rng_state(), "best": best,
+                             "settings": settings, "config": dataclasses.asdict(cfg)},
+                            os.path.join(cfg.out, "checkpoint.pth"))
         if stopping:
             print0(f"stopping after {cfg.stop_after} steps; run the same command again to resume")
             break
@@ -559,33 +546,26 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, h, T, d)
         bias = None
         if hasattr(self, "relative_position_index"):
-            bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)[None]  # (1, h, T, T)
+            bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)[None]  # (1,h,T,T)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
-
-
-class LayerScale(nn.Module):
-    def __init__(self, dim, init_values):
-        super().__init__()
-        self.gamma = nn.Parameter(init_values * torch.ones(dim))
-
-    def forward(self, x):
-        return x * self.gamma
 
 
 class Block(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, init_values=None, drop_path=0.0, grid=None):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, num_heads, qkv_bias, grid)
-        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.ls1, self.ls2 = nn.Module(), nn.Module()   # timm's ls{1,2}.gamma: per-channel residual scales
+        if init_values:
+            self.ls1.gamma, self.ls2.gamma = (nn.Parameter(init_values * torch.ones(dim)) for _ in range(2))
         self.norm2, hidden = nn.LayerNorm(dim, eps=1e-6), int(dim * mlp_ratio)
         self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
-        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path = drop_path
 
     def forward(self, x):                                              # (B, T, D) -> (B, T, D)
-        x = x + stochastic_depth(self.ls1(self.attn(self.norm1(x))), self.drop_path, "row", self.training)
-        return x + stochastic_depth(self.ls2(self.mlp(self.norm2(x))), self.drop_path, "row", self.training)
+        g1, g2 = getattr(self.ls1, "gamma", 1.0), getattr(self.ls2, "gamma", 1.0)
+        x = x + stochastic_depth(g1 * self.attn(self.norm1(x)), self.drop_path, "row", self.training)
+        return x + stochastic_depth(g2 * self.mlp(self.norm2(x)), self.drop_path, "row", self.training)
 
 
 class VisionTransformer(nn.Module):

@@ -120,7 +120,7 @@ def test_rerun_guards(tmp_path):
     (tmp_path / "o" / "run.lock").write_text(f"{os.uname().nodename} 999999999")         # a dead one: taken over
     assert run("--pretrained", a, *out).returncode == 0
     r = run("--pretrained", a, "--epochs", "2", "--warmup-epochs", "2", "--out", str(tmp_path / "w"))
-    assert r.returncode == 1 and "never reach its peak" in r.stderr
+    assert r.returncode == 1 and "never reaches its peak" in r.stderr
 
 
 def test_val_classes_must_match_train(tmp_path):
