@@ -135,24 +135,14 @@ def param_groups(model, weight_decay, skip_decay=no_decay):
 
 
 def prepare_out(out, cfg, script):
-    """Rank 0: create and lock --out, keep config.json and the script's source next to the checkpoints."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        os.makedirs(out, exist_ok=True)
-        lock_out(out)
-        shutil.copy(script, os.path.join(out, os.path.basename(script)))
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
-
-
-def lock_out(out):
-    """out/run.lock holds "host pid" while this run lives (removed at exit); a dead pid's lock is taken over (Linux)."""
+    """Rank 0: create --out, lock it (out/run.lock = "host pid" while this run lives; a dead pid's lock is taken over,
+    Linux), keep config.json and the script's source next to the checkpoints."""
     lock, me = os.path.join(out, "run.lock"), f"{socket.gethostname()} {os.getpid()}"
+    if int(os.environ.get("RANK", 0)) or os.path.exists(lock) and open(lock).read() == me:
+        return
+    os.makedirs(out, exist_ok=True)
     if os.path.exists(lock):
-        with open(lock) as f:
-            owner = f.read()
-        host, _, pid = owner.partition(" ")
-        if owner == me:
-            return
+        host, _, pid = open(lock).read().partition(" ")
         if host != socket.gethostname() or os.path.exists(f"/proc/{pid or 'none'}"):
             fail(f"--out {out} is in use by pid {pid} on {host}; pass another --out, or delete {lock} if it is gone")
         os.remove(lock)   # stale: its process is dead
@@ -162,6 +152,9 @@ def lock_out(out):
         fail(f"--out {out} was locked by another run just now; pass another --out")
     os.write(fd, me.encode()), os.close(fd)
     atexit.register(lambda: os.path.exists(lock) and open(lock).read() == me and os.remove(lock))
+    shutil.copy(script, os.path.join(out, os.path.basename(script)))
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
 
 
 def save_checkpoint(state, path):
@@ -194,8 +187,7 @@ def run_settings(cfg, script, keys=("arch", "epochs"), **extra):
 
 
 def resume(out, raw_model, opt, scaler, rank=0, seed=0, settings=None):
-    """Resume from out/checkpoint.pth if present (model, optimizer, scaler, RNG) -> global step done. A checkpoint
-    whose settings differ from `settings` (run_settings) stops with one line naming the keys and --out."""
+    """Resume out/checkpoint.pth if present -> global step done; other `settings` (run_settings) stop the run."""
     path = os.path.join(out, "checkpoint.pth")
     if not os.path.isfile(path):
         return 0
@@ -232,8 +224,7 @@ def load_image(path):
 
 
 class ImageFolder(DatasetFolder):
-    """torchvision's root/<class>/<image> folder read with load_image; an unreadable file is reported, counted in
-    shared memory (all loader workers add to it, see skipped_images) and replaced by the next readable image."""
+    """torchvision's class folders via load_image; an unreadable file is reported, counted and replaced."""
 
     def __init__(self, root, transform):
         if not os.path.isdir(root) or not any(d.is_dir() for d in os.scandir(root)):
@@ -242,7 +233,7 @@ class ImageFolder(DatasetFolder):
         super().__init__(root, load_image, IMG_EXTENSIONS, transform, allow_empty=True)
         if not self.samples:
             fail(f"data directory {root} has class folders but no images ({', '.join(IMG_EXTENSIONS)})")
-        self.skipped = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.skipped = torch.zeros(1, dtype=torch.int64).share_memory_()   # loader workers add to it too
 
     def __getitem__(self, idx):
         for k in range(len(self.samples)):
