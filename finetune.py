@@ -613,3 +613,5 @@ class VisionTransformer(nn.Module):
 if __name__ == "__main__":
     cfg = parse_config(Config)
     main(parse_config(Config, defaults=Config.MODE_DEFAULTS.get(cfg.mode)))
+    if dist.is_initialized():   # leave together: a gloo peer that exits first can abort the others
+        dist.barrier(), dist.destroy_process_group()
