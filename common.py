@@ -124,7 +124,8 @@ def cosine_schedule(base, final, total_steps, warmup_steps=0, warmup_start=0.0):
 
 def no_decay(name, p):
     """timm/BEiT: no weight decay on 1-D params (biases, norms, layer scale), positions, tokens, rel-pos tables."""
-    return p.ndim <= 1 or name.split(".")[-1] in ("pos_embed", "cls_token", "mask_token", "relative_position_bias_table")
+    names = ("pos_embed", "cls_token", "mask_token", "relative_position_bias_table")
+    return p.ndim <= 1 or name.split(".")[-1] in names
 
 
 def param_groups(model, weight_decay, skip_decay=no_decay):

@@ -305,7 +305,8 @@ def check(cfg, args):
     """Every bad combination: one error line before any work."""
     is_vit = args["arch"] == "vit"
     for bad, msg in [(cfg.mode == "finetune" and cfg.pool == "both", "--pool both is for --mode linear / knn"),
-                     (cfg.probe == "blocks" and (cfg.mode != "linear" or not is_vit), "--probe blocks: linear ViT only"),
+                     (cfg.probe == "blocks" and (cfg.mode != "linear" or not is_vit),
+                      "--probe blocks is for --mode linear on a ViT"),
                      (cfg.warmup_epochs > 0 and cfg.mode != "knn" and cfg.warmup_epochs >= cfg.epochs,
                       f"--warmup-epochs {cfg.warmup_epochs} >= --epochs {cfg.epochs}: the lr never reaches its peak"),
                      (min(cfg.epochs, cfg.batch_size, cfg.log_every) < 1, "--epochs, --batch-size, --log-every >= 1")]:

@@ -68,9 +68,9 @@ def test_param_groups_skip_1d_and_tokens():
     skipped = {names[id(p)] for p in skip["params"]}
     assert {"pos_embed", "cls_token", "mask_token", "blocks.0.attn.relative_position_bias_table",
             "blocks.0.attn.qkv.bias", "blocks.0.ls1.gamma", "norm.weight"} <= skipped
-    assert {names[id(p)] for p in decay["params"]} == {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight",
-                                                      "blocks.0.attn.proj.weight", "blocks.0.mlp.fc1.weight",
-                                                      "blocks.0.mlp.fc2.weight"}
+    assert {names[id(p)] for p in decay["params"]} == {
+        "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight", "blocks.0.mlp.fc1.weight",
+        "blocks.0.mlp.fc2.weight"}
     assert decay["weight_decay"] == 0.05 and skip["weight_decay"] == 0.0 and not no_decay("x.weight", torch.zeros(2, 2))
 
 
@@ -89,7 +89,10 @@ def test_exact_resume(tmp_path):
     for r in (a, b1, b2):
         assert r.returncode == 0, r.stderr
     assert "resumed from" in b2.stdout
-    loss_lines = lambda out: [l.split("|")[1] for l in out.splitlines() if l.startswith("ep ")]
+
+    def loss_lines(out):
+        return [line.split("|")[1] for line in out.splitlines() if line.startswith("ep ")]
+
     assert loss_lines(a.stdout) == loss_lines(b1.stdout) + loss_lines(b2.stdout)
     wa = torch.load(tmp_path / "a" / "checkpoint.pth", weights_only=True)
     wb = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)
@@ -155,7 +158,8 @@ def test_bad_data_dirs_fail_with_one_clear_line(tmp_path, layout, msg):
     with pytest.raises(SystemExit, match=msg) as e:
         build_dataset(str(root), "train", None)
     assert str(root) in str(e.value) and "\n" not in str(e.value)
-    r = run(["finetune.py", "--preset", "tiny", "--pretrained", "random", "--data", str(root), "--out", str(tmp_path / "o")])
+    r = run(["finetune.py", "--preset", "tiny", "--pretrained", "random", "--data", str(root),
+             "--out", str(tmp_path / "o")])
     assert r.returncode == 1 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -166,7 +170,7 @@ def test_run_over_folder_with_bad_files_completes(tmp_path):
              "--mode", "knn", "--batch-size", "4", "--out", str(tmp_path / "o")])
     assert r.returncode == 0, r.stderr
     assert "holding out 2 of 20" in r.stdout and "kNN" in r.stdout
-    log = [json.loads(l) for l in open(tmp_path / "o" / "log.jsonl")]
+    log = [json.loads(line) for line in open(tmp_path / "o" / "log.jsonl")]
     assert log[-1]["mode"] == "knn"
 
 
