@@ -101,7 +101,8 @@ RA_OPS = {   # timm's 15 "increasing" ops: name -> (level m of 10 -> argument, r
     "Equalize": (None, False, lambda img, v: ImageOps.equalize(img)),
     "Invert": (None, False, lambda img, v: ImageOps.invert(img)),
     "Rotate": (lambda m: 30 * m / 10, True, lambda img, v: img.rotate(v, BICUBIC, fillcolor=FILL)),   # degrees
-    "PosterizeIncreasing": (lambda m: 4 - int(4 * m / 10), False, lambda img, v: ImageOps.posterize(img, v)),  # bits
+    "PosterizeIncreasing": (lambda m: 4 - int(4 * m / 10), False,   # bits kept; 0 (m 10) = black, as old Pillow
+                            lambda img, v: ImageOps.posterize(img, v) if v else Image.new(img.mode, img.size)),
     "SolarizeIncreasing": (lambda m: 256 - int(256 * m / 10), False, lambda img, v: ImageOps.solarize(img, v)),
     "SolarizeAdd": (lambda m: min(128, int(110 * m / 10)), False,
                     lambda img, v: img.point([min(255, i + v) if i < 128 else i for i in range(256)] * 3)),

@@ -150,6 +150,11 @@ def test_randaugment_magnitudes_match_timm():
                 theirs -= 1   # an enhance factor 1 +- level
             assert abs(abs(theirs) - level(m)) < 1e-9, (name, m, theirs, level(m))
     assert RA_OPS["Rotate"][0](9) == 27 and abs(RA_OPS["ColorIncreasing"][0](9) - 0.81) < 1e-9   # not 9 deg / 0.27
+    img = Image.new("RGB", (20, 16), (200, 100, 50))
+    for name, (level, signed, op) in RA_OPS.items():   # every op runs at both ends of the magnitude range
+        for m in (0, 10):
+            out = op(img, level(m) if level else None)
+            assert out.size == img.size and out.mode == "RGB", name
 
 
 def test_mean_pooling_drops_final_norm_as_beit():
