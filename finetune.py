@@ -329,9 +329,13 @@ def main(cfg):
     num_classes = len(train_set.classes)
     loader = build_loader(train_set, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device, cfg.mode != "knn")
     val_loader = build_loader(val_set, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device, shuffle=False)
-    raw_model = Classifier(encoder, dim, num_classes, cfg.mode, cfg.pool, args["arch"] == "vit", cfg.probe).to(device)
+    is_vit = args["arch"] == "vit"
+    raw_model = Classifier(encoder, dim, num_classes, cfg.mode, cfg.pool, is_vit, cfg.probe).to(device)
     seed_all(cfg.seed + rank)   # distinct augmentation streams per rank
-    protocol = {"finetune": "BEiT/MAE fine-tuning", "knn": f"DINO weighted {cfg.knn_k}-NN, T {cfg.knn_t}",
+    if not is_vit and cfg.mode == "finetune" and cfg.preset != "resnet50":
+        print0("note: a ResNet-50 with the ViT fine-tuning recipe; --preset resnet50 gives the ResNet recipe")
+    protocol = {"finetune": "BEiT/MAE fine-tuning" if is_vit else "ResNet fine-tuning",
+                "knn": f"DINO weighted {cfg.knn_k}-NN, T {cfg.knn_t}",
                 "linear": "BEiT per-block probe" if cfg.probe == "blocks" else "MAE linear probe"}[cfg.mode]
     pools = "/".join(raw_model.names) if cfg.probe == "final" else "[cls, mean] per block"
     settings = run_settings(cfg, __file__, ("mode", "pretrained", "from_", "epochs", "pool", "probe", "img_size"),
