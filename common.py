@@ -194,9 +194,9 @@ def resume(out, raw_model, opt, scaler, rank=0, seed=0, settings=None):
         return 0
     ck = load_checkpoint(path)
     old = ck.get("settings", {})
-    diff = [f"{k} {old[k]} -> {v}" for k, v in (settings or {}).items() if old.get(k, v) != v]
+    diff = [f"{k}: {old[k]} -> {v}" for k, v in (settings or {}).items() if old.get(k, v) != v]
     if diff:
-        fail(f"--out {out} holds another run ({', '.join(diff)}): pass a new --out, or the old values to resume")
+        fail(f"--out {out} holds a different run ({', '.join(diff)}); pass a new --out, or the old values to resume")
     try:
         raw_model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:

@@ -112,7 +112,7 @@ def test_rerun_guards(tmp_path):
     a, b = random_checkpoint(tmp_path / "a.pth"), random_checkpoint(tmp_path / "b.pth", pos_embed="learned")
     out = ["--steps-per-epoch", "1", "--batch-size", "4", "--out", str(tmp_path / "o")]
     assert run("--pretrained", a, *out).returncode == 0
-    for args, keys in [(("--pretrained", a, "--mode", "linear"), "mode finetune -> linear"),
+    for args, keys in [(("--pretrained", a, "--mode", "linear"), "mode: finetune -> linear"),
                        (("--pretrained", b), "pretrained_hash")]:
         r = run(*args, "--epochs", "2", *out)
         assert r.returncode == 1 and keys in r.stderr and str(tmp_path / "o") in r.stderr, r.stderr
