@@ -377,6 +377,7 @@ def main(cfg):
     mixers = [m(alpha=a, num_classes=num_classes) for m, a in ((v2.MixUp, cfg.mixup), (v2.CutMix, cfg.cutmix))
               if a > 0 and cfg.mode == "finetune"]
     mix = v2.RandomChoice(mixers) if mixers else None   # one of MixUp / CutMix per batch, p = 0.5 each
+    smooth = cfg.smoothing if cfg.mode == "finetune" else 0.0   # probes: plain cross-entropy (MAE, BEiT)
     start = resume(cfg.out, raw_model, opt, scaler, rank, cfg.seed, settings=settings)
     best = load_checkpoint(os.path.join(cfg.out, "checkpoint.pth")).get("best", 0.0) if start else 0.0
     progress, skipped = Progress(total_steps, cfg.batch_size * world, cfg.log_every), 0
@@ -392,7 +393,7 @@ def main(cfg):
                 g["lr"] = lr_sched[it] * g["lr_scale"]
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             x, target = mix(x, y) if mix is not None else (x, F.one_hot(y, num_classes).float())
-            target = target * (1 - cfg.smoothing) + cfg.smoothing / num_classes   # label smoothing
+            target = target * (1 - smooth) + smooth / num_classes   # label smoothing (fine-tuning only)
             with autocast():
                 loss = sum(F.cross_entropy(out.float(), target) for out in model(x).values())   # one per head
             finite &= torch.isfinite(loss)
