@@ -30,3 +30,5 @@ for step, (x, y) in zip(range(3), loader):
     losses.append(reduce_mean(loss))
 if rank == 0:
     torch.save({"losses": losses, "weights": model.state_dict()}, out)
+if world > 1:   # leave together: a gloo peer that exits first can abort the others
+    torch.distributed.barrier(), torch.distributed.destroy_process_group()

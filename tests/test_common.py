@@ -11,7 +11,8 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from common import ImageFolder, build_dataset, cosine_schedule, load_image, no_decay, param_groups, parse_config
+from common import (ImageFolder, build_dataset, cosine_schedule, file_hash, load_image, no_decay, param_groups,
+                    parse_config, prepare_out, save_checkpoint)
 from conftest import ROOT
 
 
@@ -25,6 +26,7 @@ class Cfg:
     epochs: int = 300
     preset: str = ""
     PRESETS = {"tiny": dict(arch="vit_tiny", epochs=1)}
+    CHOICES = {"arch": ("vit_tiny", "vit_base")}
 
 
 def test_parse_config_spellings_presets_and_help(capsys):
@@ -38,6 +40,10 @@ def test_parse_config_spellings_presets_and_help(capsys):
     assert (c.arch, c.epochs) == ("vit_tiny", 5)
     with pytest.raises(SystemExit):
         parse_config(Cfg, ["--preset", "nope"])
+    with pytest.raises(SystemExit):
+        parse_config(Cfg, ["--arch", "vit_huge"])   # CHOICES
+    assert parse_config(Cfg, [], defaults={"epochs": 90}).epochs == 90   # e.g. per-mode defaults
+    assert parse_config(Cfg, ["--preset", "tiny"], defaults={"epochs": 90}).epochs == 1   # the preset wins
     with pytest.raises(SystemExit):
         parse_config(Cfg, ["--help"])
     text = capsys.readouterr().out
@@ -55,16 +61,16 @@ def test_cosine_schedule():
 
 def test_param_groups_skip_1d_and_tokens():
     from finetune import VisionTransformer
-    m = VisionTransformer(16, 4, 32, 1, 2, pos_embed="learned", rel_pos="shared", init_values=0.1)
+    m = VisionTransformer(16, 4, 32, 1, 2, pos_embed="learned", rel_pos=True, init_values=0.1)
     m.mask_token = torch.nn.Parameter(torch.zeros(1, 1, 32))
     decay, skip = param_groups(m, 0.05)
     names = {id(p): n for n, p in m.named_parameters()}
     skipped = {names[id(p)] for p in skip["params"]}
-    assert {"pos_embed", "cls_token", "mask_token", "rel_pos_bias.relative_position_bias_table",
+    assert {"pos_embed", "cls_token", "mask_token", "blocks.0.attn.relative_position_bias_table",
             "blocks.0.attn.qkv.bias", "blocks.0.ls1.gamma", "norm.weight"} <= skipped
-    assert {names[id(p)] for p in decay["params"]} == {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight",
-                                                      "blocks.0.attn.proj.weight", "blocks.0.mlp.fc1.weight",
-                                                      "blocks.0.mlp.fc2.weight"}
+    assert {names[id(p)] for p in decay["params"]} == {
+        "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight", "blocks.0.mlp.fc1.weight",
+        "blocks.0.mlp.fc2.weight"}
     assert decay["weight_decay"] == 0.05 and skip["weight_decay"] == 0.0 and not no_decay("x.weight", torch.zeros(2, 2))
 
 
@@ -83,7 +89,10 @@ def test_exact_resume(tmp_path):
     for r in (a, b1, b2):
         assert r.returncode == 0, r.stderr
     assert "resumed from" in b2.stdout
-    loss_lines = lambda out: [l.split("|")[1] for l in out.splitlines() if l.startswith("ep ")]
+
+    def loss_lines(out):
+        return [line.split("|")[1] for line in out.splitlines() if line.startswith("ep ")]
+
     assert loss_lines(a.stdout) == loss_lines(b1.stdout) + loss_lines(b2.stdout)
     wa = torch.load(tmp_path / "a" / "checkpoint.pth", weights_only=True)
     wb = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=True)
@@ -149,7 +158,8 @@ def test_bad_data_dirs_fail_with_one_clear_line(tmp_path, layout, msg):
     with pytest.raises(SystemExit, match=msg) as e:
         build_dataset(str(root), "train", None)
     assert str(root) in str(e.value) and "\n" not in str(e.value)
-    r = run(["finetune.py", "--preset", "tiny", "--pretrained", "random", "--data", str(root), "--out", str(tmp_path / "o")])
+    r = run(["finetune.py", "--preset", "tiny", "--pretrained", "random", "--data", str(root),
+             "--out", str(tmp_path / "o")])
     assert r.returncode == 1 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -160,5 +170,16 @@ def test_run_over_folder_with_bad_files_completes(tmp_path):
              "--mode", "knn", "--batch-size", "4", "--out", str(tmp_path / "o")])
     assert r.returncode == 0, r.stderr
     assert "holding out 2 of 20" in r.stdout and "kNN" in r.stdout
-    log = [json.loads(l) for l in open(tmp_path / "o" / "log.jsonl")]
+    log = [json.loads(line) for line in open(tmp_path / "o" / "log.jsonl")]
     assert log[-1]["mode"] == "knn"
+
+
+def test_checkpoint_fsync_hash_and_out_lock(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    save_checkpoint({"a": torch.ones(2)}, str(tmp_path / "ck.pth"))
+    assert synced and not (tmp_path / "ck.pth.tmp").exists() and len(file_hash(tmp_path / "ck.pth")) == 12
+    prepare_out(str(tmp_path / "o"), Cfg(), __file__)
+    prepare_out(str(tmp_path / "o"), Cfg(), __file__)   # the same process may prepare its --out again
+    assert (tmp_path / "o" / "run.lock").read_text().endswith(f" {os.getpid()}")
