@@ -324,7 +324,8 @@ def main(cfg):
     batch_warning(global_batch, cfg.paper_batch, steps_per_epoch)
     opt = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay), lr=lr, betas=(0.9, 0.999),
                             fused=device.type == "cuda")
-    lr_sched = cosine_schedule(lr, cfg.min_lr, total_steps, cfg.warmup_epochs * steps_per_epoch)
+    lr_sched = cosine_schedule(lr, cfg.min_lr, total_steps, cfg.warmup_epochs * steps_per_epoch,
+                               warmup_endpoint=True)   # BEiT utils.cosine_scheduler
     settings = dict(run_settings(cfg, __file__, ("arch", "epochs", "img_size", "patch_size", "objective", "blr")),
                     global_batch=global_batch)
     start = resume(cfg.out, raw_model, opt, scaler, rank, cfg.seed, settings=settings)

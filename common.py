@@ -115,9 +115,10 @@ def all_finite(flag):
     return bool(t.item())
 
 
-def cosine_schedule(base, final, total_steps, warmup_steps=0, warmup_start=0.0):
-    """Per-step values (DINO-style array of floats): linear warmup_start -> base, then cosine -> final."""
-    warmup = np.linspace(warmup_start, base, warmup_steps, endpoint=False)
+def cosine_schedule(base, final, total_steps, warmup_steps=0, warmup_start=0.0, warmup_endpoint=False):
+    """Per-step values (DINO-style array of floats): linear warmup_start -> base, then cosine -> final.
+    warmup_endpoint=True: the last warmup step is already at base (BEiT's and ConMIM's utils.cosine_scheduler)."""
+    warmup = np.linspace(warmup_start, base, warmup_steps, endpoint=warmup_endpoint)
     t = np.arange(max(total_steps - warmup_steps, 0)) / max(total_steps - warmup_steps, 1)
     return np.concatenate([warmup, final + 0.5 * (base - final) * (1 + np.cos(np.pi * t))])[:total_steps].tolist()
 

@@ -392,7 +392,8 @@ def main(cfg):
     batch_warning(global_batch, cfg.paper_batch, steps_per_epoch)
     opt = torch.optim.AdamW(param_groups(raw_model, cfg.weight_decay, skip_decay=official_skip_decay), lr=cfg.lr,
                             betas=(0.9, 0.98), eps=1e-8, fused=device.type == "cuda")   # teacher: no grad, not here
-    lr_sched = cosine_schedule(cfg.lr, cfg.min_lr, total_steps, cfg.warmup_epochs * steps_per_epoch)
+    lr_sched = cosine_schedule(cfg.lr, cfg.min_lr, total_steps, cfg.warmup_epochs * steps_per_epoch,
+                               warmup_endpoint=True)   # BEiT utils.cosine_scheduler
     ema_sched = cosine_schedule(cfg.ema, 1.0, total_steps)   # momentum 0.996 -> 1, per optimizer step (official)
     settings = {**run_settings(cfg, __file__, ("arch", "depth", "img_size", "patch_size", "epochs", "mask_type")),
                 "global_batch": global_batch}

@@ -285,7 +285,8 @@ def conmim_features(ours, weak, strong, mask):
 def conmim_schedules(c, spe):
     """OUR SCHEDULES, ConMIM: the calls conmim.py's main makes (adapt here if it changes)."""
     total = c.epochs * spe
-    return cosine_schedule(c.lr, c.min_lr, total, c.warmup_epochs * spe), cosine_schedule(c.ema, 1.0, total)
+    return (cosine_schedule(c.lr, c.min_lr, total, c.warmup_epochs * spe, warmup_endpoint=True),
+            cosine_schedule(c.ema, 1.0, total))
 
 
 def sched_lines(rep, args, lr_ours, lr_off, ema_ours, ema_off, what, warmup):
