@@ -30,7 +30,7 @@ from torchvision.utils import save_image
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, Progress, accum_steps, all_finite, batch_warning, build_dataset,
                     build_loader, cosine_schedule, fail, log_json, param_groups, parse_config, prepare_out, print0,
-                    resume, rng_state, run_settings, save_checkpoint, seed_all, setup_dist)
+                    resume, rng_state, run_settings, save_checkpoint, seed_all, setup_dist, skipped_images)
 
 
 # ----------------------------------------------------------------------------- 1. Config
@@ -429,7 +429,7 @@ def save(cfg, raw_model, opt, scaler, epoch, step, rank, settings=None):
     save_checkpoint({"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                      "step": step, "epoch": epoch, "rng": rng_state(), "config": dataclasses.asdict(cfg),
                      "settings": settings, "encoders": encoders, "encoder_args": raw_model.encoder_args,
-                     "default_encoder": "online"},
+                     "default_encoder": "online", "pool": "mean"},   # pool: the release fine-tunes with global_pool
                     os.path.join(cfg.out, "checkpoint.pth"))
 
 
@@ -512,8 +512,8 @@ def main(cfg):
         log_json(cfg.out, {"epoch": epoch, "step": it + 1, **last})
         if cfg.viz_every and (epoch + 1) % cfg.viz_every == 0 and rank == 0:
             visualize(raw_model, images, os.path.join(cfg.out, f"viz_epoch{epoch}.png"), epoch)   # METHOD
-        if dataset.skipped.item():
-            print0(f"skipped {dataset.skipped.item()} unreadable images so far")
+        if n_skipped := skipped_images(dataset):   # every rank: summed over loader workers and ranks
+            print0(f"skipped {n_skipped} unreadable images so far")
 
 
 # ----------------------------------------------------------------------------- 7. Appendix: ViT (MAE-style)
@@ -666,9 +666,6 @@ def visualize(m, images, path, seed=0):
 
 def validate(cfg):
     """Every bad flag -> one clear error before any data or model is built."""
-    for k, ok in Config.CHOICES.items():
-        if getattr(cfg, k) not in ok:
-            fail(f"--{k.replace('_', '-')} {getattr(cfg, k)}: choose from {', '.join(ok)}")
     if cfg.patch_size < 1 or cfg.batch_size < 1:
         fail(f"--patch-size {cfg.patch_size} and --batch-size {cfg.batch_size} must be >= 1")
     unit = 32 if cfg.arch == "resnet50" else cfg.patch_size   # ResNet-50: layer4 (stride 32) must tile the input

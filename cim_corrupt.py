@@ -30,7 +30,7 @@ from torchvision.utils import save_image
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, Progress, accum_steps, all_finite, batch_warning, build_dataset,
                     build_loader, cosine_schedule, fail, log_json, param_groups, parse_config, prepare_out, print0,
-                    resume, rng_state, run_settings, save_checkpoint, seed_all, setup_dist)
+                    resume, rng_state, run_settings, save_checkpoint, seed_all, setup_dist, skipped_images)
 
 
 # ----------------------------------------------------------------------------- 1. Config
@@ -337,7 +337,8 @@ def main(cfg):
                              "scaler": scaler.state_dict(), "epoch": epoch, "rng": rng_state(), "settings": settings,
                              "config": dataclasses.asdict(cfg), "default_encoder": "enhancer",
                              "encoders": {"enhancer": layout(raw_model.enhancer.state_dict())},
-                             "encoder_args": raw_model.encoder_args}, os.path.join(cfg.out, "checkpoint.pth"))
+                             "encoder_args": raw_model.encoder_args, "pool": "mean"},   # pool: BEiT fine-tunes with mean pooling
+                            os.path.join(cfg.out, "checkpoint.pth"))
 
     progress, last = Progress(total_steps, global_batch, cfg.log_every), {}
     for epoch in range(start // steps_per_epoch, cfg.epochs):
@@ -377,8 +378,8 @@ def main(cfg):
         log_json(cfg.out, {"epoch": epoch, "step": it + 1, **last})
         if cfg.viz_every and (epoch + 1) % cfg.viz_every == 0 and rank == 0:
             visualize(raw_model, images, os.path.join(cfg.out, f"viz_epoch{epoch}.png"))   # METHOD
-        if dataset.skipped.item():
-            print0(f"skipped {dataset.skipped.item()} unreadable images so far")
+        if n_skipped := skipped_images(dataset):   # every rank: summed over loader workers and ranks
+            print0(f"skipped {n_skipped} unreadable images so far")
 
 
 # ----------------------------------------------------------------------------- 7. Appendix: ViT (generator, enhancer)
@@ -671,9 +672,6 @@ def visualize(m, images, path):
 
 def validate(cfg):
     """Every bad flag or missing file -> one clear error before any data, model or tokenizer is loaded."""
-    for k, allowed in cfg.CHOICES.items():
-        if getattr(cfg, k) not in allowed:
-            fail(f"--{k.replace('_', '-')} {getattr(cfg, k)}: choose from {', '.join(allowed)}")
     if cfg.img_size % cfg.patch_size:
         fail(f"--img-size {cfg.img_size} is not a multiple of --patch-size {cfg.patch_size}")
     if not (0 < cfg.mask_ratio < 1 and cfg.sample_temperature > 0 and cfg.lam >= 0 and 0 <= cfg.respix_l1 <= 1

@@ -36,7 +36,7 @@ from torchvision.utils import save_image
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, Progress, accum_steps, all_finite, batch_warning, build_dataset,
                     build_loader, cosine_schedule, fail, log_json, param_groups, parse_config, prepare_out, print0,
-                    resume, rng_state, run_settings, save_checkpoint, seed_all, setup_dist)
+                    resume, rng_state, run_settings, save_checkpoint, seed_all, setup_dist, skipped_images)
 
 # ----------------------------------------------------------------------------- config
 
@@ -332,7 +332,8 @@ def save(cfg, raw_model, opt, scaler, epoch, step, settings):
     save_checkpoint({"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                      "step": step, "epoch": epoch, "rng": rng_state(), "config": dataclasses.asdict(cfg),
                      "settings": settings, "encoders": encoders, "encoder_args": {"arch": "vit", **raw_model.vit_args},
-                     "default_encoder": "teacher"}, os.path.join(cfg.out, "checkpoint.pth"))
+                     "default_encoder": "teacher", "pool": "mean"},   # pool: official fine-tuning uses mean pooling
+                    os.path.join(cfg.out, "checkpoint.pth"))
 
 
 def optimizer_step(raw_model, opt, scaler, clip_grad, momentum):
@@ -441,8 +442,8 @@ def main(cfg):
             n, gen = min(8, weak.shape[0]), torch.Generator(device).manual_seed(epoch)
             visualize(raw_model, weak[:n], strong[:n], sample_mask(cfg, n, device, gen),
                       os.path.join(cfg.out, f"viz_epoch{epoch}.png"))
-        if dataset.skipped.item():
-            print0(f"skipped {dataset.skipped.item()} unreadable images so far")
+        if n_skipped := skipped_images(dataset):   # every rank: summed over loader workers and ranks
+            print0(f"skipped {n_skipped} unreadable images so far")
 
 # ----------------------------------------------------------------------------- appendix: BEiT-style ViT
 
@@ -603,9 +604,6 @@ def visualize(raw_model, weak, strong, mask, path):
 
 def validate(cfg):
     """Every bad flag -> one clear error before any data or model is built."""
-    for name, allowed in Config.CHOICES.items():
-        if getattr(cfg, name) not in allowed:
-            fail(f"--{name.replace('_', '-')} {getattr(cfg, name)}: choose from {', '.join(allowed)}")
     if cfg.patch_size < 1 or cfg.img_size < 1 or cfg.img_size % cfg.patch_size:
         fail(f"--img-size {cfg.img_size} must be a positive multiple of --patch-size {cfg.patch_size}")
     g = cfg.img_size // cfg.patch_size

@@ -301,8 +301,8 @@ def test_smoke_then_finetune(tmp_path, arch):
             enc.load_state_dict(ck["encoders"][name], strict=True)
     src = "online" if arch == "vit" else "target"                           # finetune.py's default, and --from target
     r = run("finetune.py", "--pretrained", str(tmp_path / "pre" / "checkpoint.pth"), "--data", "synthetic", "--device",
-            "cpu", "--mode", "finetune", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4",
-            "--out", str(tmp_path / "ft"), *(["--from", src] if src == "target" else []))
+            "cpu", "--mode", "finetune", "--epochs", "1", "--warmup-epochs", "0", "--steps-per-epoch", "2",
+            "--batch-size", "4", "--out", str(tmp_path / "ft"), *(["--from", src] if src == "target" else []))
     assert f"loading encoder '{src}'" in r.stdout
 
 

@@ -90,13 +90,21 @@ def test_pickles_need_trust_and_bad_files_fail(tmp_path):
         cc.load_tokenizer(tiny(tokenizer=str(plain), patch_size=8))   # 32 / 8 = 4x4 patches vs an 8x8 tokenizer grid
     for bad, msg in ((dict(tokenizer=str(tmp_path / "nope.pth")), "does not exist"),
                      (dict(tokenizer=""), "exactly one"),
-                     (dict(arch="vit_huge"), "choose from"), (dict(tokenizer="", trust_pickle=True), "exactly one"),
+                     (dict(tokenizer="", trust_pickle=True), "exactly one"),
                      (dict(dvae_encoder=e), "exactly one"), (dict(tokenizer="", dvae_encoder=e), "exactly one"),
-                     (dict(img_size=30), "multiple"), (dict(objective="mse"), "objective"),
+                     (dict(img_size=30), "multiple"),
                      (dict(gen_share_blocks=3), "gen-share-blocks"),
                      (dict(arch="resnet50", gen_share_blocks=1), "ViT")):
         with pytest.raises(SystemExit, match=msg):
             cc.validate(tiny(**bad))
+
+
+@pytest.mark.parametrize("flags", [["--arch", "vit_huge"], ["--objective", "mse"], ["--amp", "fp8"]])
+def test_enumerated_flags_are_argparse_choices(capsys, flags):
+    with pytest.raises(SystemExit):
+        parse_config(cc.Config, ["--preset", "tiny", *flags])
+    err = capsys.readouterr().err
+    assert f"argument {flags[0]}" in err and "invalid choice" in err, err
 
 
 def test_revdet_labels_against_loop():

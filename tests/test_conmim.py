@@ -234,8 +234,7 @@ def test_overfit_one_batch():
                                        (["--mask-patch", "6"], "--mask-patch 6 must be a multiple"),
                                        (["--mask-patch", "12"], "that divides --img-size 32"),
                                        (["--mask-type", "block", "--mask-patches", "64"], "< 64 patches"),
-                                       (["--mask-type", "grid"], "choose from random_mps32, block"),
-                                       (["--arch", "vit_huge"], "--arch vit_huge"), (["--tau", "0"], "--tau 0.0"),
+                                       (["--tau", "0"], "--tau 0.0"),
                                        (["--accum-iter", "0"], "--accum-iter 0 must be >= 1"),
                                        (["--global-batch", "12"], "--global-batch 12 is not a multiple")])
 def test_bad_input_fails_before_anything_is_built(tmp_path, capsys, flags, msg):
@@ -244,6 +243,14 @@ def test_bad_input_fails_before_anything_is_built(tmp_path, capsys, flags, msg):
         main(parse_config(Config, ["--preset", "tiny", "--data", "synthetic", "--out", str(out), *flags]))
     assert str(e.value).startswith("error: ") and msg in str(e.value), str(e.value)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flags", [["--mask-type", "grid"], ["--arch", "vit_huge"], ["--amp", "fp8"]])
+def test_enumerated_flags_are_argparse_choices(capsys, flags):
+    with pytest.raises(SystemExit):
+        parse_config(Config, ["--preset", "tiny", *flags])
+    err = capsys.readouterr().err
+    assert f"argument {flags[0]}" in err and "invalid choice" in err, err
 
 
 @pytest.mark.parametrize("preset,extra", [("tiny", []), ("small32", ["--depth", "2"])])
@@ -328,8 +335,8 @@ def test_cpu_smoke_exact_resume_viz_then_finetune(tmp_path):
     assert (tmp_path / "a" / "viz_epoch0.png").exists() and (tmp_path / "a" / "viz_epoch1.png").exists()
     assert [json.loads(line)["epoch"] for line in open(tmp_path / "a" / "log.jsonl")] == [0, 1]
     ft = run("finetune.py", "--pretrained", str(tmp_path / "a" / "checkpoint.pth"), "--data", "synthetic", "--device",
-             "cpu", "--mode", "finetune", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4", "--workers",
-             "0", "--out", str(tmp_path / "ft"))
+             "cpu", "--mode", "finetune", "--epochs", "1", "--warmup-epochs", "0", "--steps-per-epoch", "2",
+             "--batch-size", "4", "--workers", "0", "--out", str(tmp_path / "ft"))
     assert "loading encoder 'teacher'" in ft.stdout
     knn = run("finetune.py", "--preset", "tiny", "--pretrained", str(tmp_path / "a" / "checkpoint.pth"), "--from",
               "student", "--data", "synthetic", "--mode", "knn", "--out", str(tmp_path / "knn"))
