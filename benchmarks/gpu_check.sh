@@ -16,7 +16,7 @@ S="--data synthetic --batch-size 64 --global-batch 256 --epochs 4 --warmup-epoch
 preset() {   # name, file, args...: keep the recipe line, the warnings, the last progress lines and any error
     local name=$1; shift
     echo "=== $name: python $*"
-    timeout 150 python "$@" --out "/tmp/gpu_check/$name" > "$OUT/$name.log" 2>&1
+    timeout 90 python "$@" --out "/tmp/gpu_check/$name" > "$OUT/$name.log" 2>&1
     echo "exit $?"
     grep -E "^recipe|paper row|^warning: global|error|Error" "$OUT/$name.log" | head -n 4
     grep -E "^ep " "$OUT/$name.log" | tail -n 2
@@ -28,5 +28,5 @@ preset corrupt_vit_base cim_corrupt.py --preset vit_base_300ep --tokenizer rando
 preset corrupt_resnet50 cim_corrupt.py --preset resnet50_300ep --tokenizer random $S
 
 echo "=== device-only step speed, bf16 eager, paper sizes (224 px, per-GPU batch 64)"
-timeout 240 python benchmarks/speed.py --device cuda --arch vit_base --img-size 224 --batch-size 64 --iters 10 \
+timeout 220 python benchmarks/speed.py --device cuda --arch vit_base --img-size 224 --batch-size 64 --iters 10 \
     --workers 12 2>&1 | grep -v "^WARNING: --tokenizer random" | tee "$OUT/speed_vit_base.txt"
