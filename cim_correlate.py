@@ -11,8 +11,8 @@ From each search image, E exemplars are cut (random scale, shape and rotation) a
 the target encoder (EMA of the online one) embeds the whole image (the context), the online encoder embeds each
 exemplar, one cross-attention block (context queries, exemplar keys/values) predicts a 2-class map per exemplar.
 Result: ImageNet not measured here (official README.md:37: ViT-B/16 300 ep + 100 ep fine-tune -> 83.1 top-1).
-Docs (implementation map, differences from the release, pictures): docs/cim_correlate.md. Sections: 1 config |
-2 crop-and-correlate sampling | 3 loss, EMA | 4 model | 5 data | 6 training | 7 appendix (ViT, ResNet-50, viz, checks).
+Docs (implementation map, differences from the release, pictures): docs/cim_correlate.md. Sections: config |
+crop-and-correlate sampling | loss, EMA | model | data | training | appendix: ViT, ResNet-50, visualisation, checks.
 """
 import contextlib
 import copy
@@ -33,7 +33,7 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, Progress, accum_steps, all_fini
                     resume, rng_state, run_settings, save_checkpoint, seed_all, setup_dist, skipped_images)
 
 
-# ----------------------------------------------------------------------------- 1. Config
+# ----------------------------------------------------------------------------- config
 
 @dataclasses.dataclass
 class Config:
@@ -117,7 +117,7 @@ class Config:
     PAPER_ROWS = {"vit_base_300ep": "ViT-B/16 300 ep -> 83.1 top-1 after 100 ep fine-tuning (README.md:37@f00e35a)"}
 
 
-# ----------------------------------------------------------------------------- 2. Crop-and-correlate sampling
+# ----------------------------------------------------------------------------- crop-and-correlate sampling
 # Coordinates: grid_sample's normalised ones on the square search image (x right, y down, [-1, 1] edge to edge).
 # An exemplar is (angle t, centre c, half sizes (a, b)): the rectangle {c + u*a*e1 + v*b*e2 : |u|, |v| <= 1},
 # e1 = (cos t, sin t), e2 = (-sin t, cos t): an axis-aligned crop of the image rotated counter-clockwise by t.
@@ -272,7 +272,7 @@ def sample_pairs(images, cfg, gen=None):
     return context, exemplars, target_maps(angle, center, half, cfg.context_size)
 
 
-# ----------------------------------------------------------------------------- 3. Loss and EMA
+# ----------------------------------------------------------------------------- loss and EMA
 
 def correlation_loss(logits, target):
     """L = sum_e mean_{b, i} CE(z[b, e, :, i], M[b, e, i]): 2-class cross-entropy per context pixel i, averaged over
@@ -290,7 +290,7 @@ def momentum_update(target, online, m):
     torch._foreach_add_(target, online, alpha=1 - m)
 
 
-# ----------------------------------------------------------------------------- 4. Model
+# ----------------------------------------------------------------------------- model
 
 class CrossBlock(nn.Module):
     """The release's CorrelationBlockV1: x = x + CrossAttn(q = LN1(x), k, v = LN1(y)); x = x + MLP(LN2(x)).
@@ -388,7 +388,7 @@ class CorrelationalIM(nn.Module):
         return self.loss_on_pairs(context, exemplars, target)
 
 
-# ----------------------------------------------------------------------------- 5. Data
+# ----------------------------------------------------------------------------- data
 
 def build_transform(cfg):
     """Only the search image on the CPU (uint8, unnormalised): everything else happens batched on the device."""
@@ -398,7 +398,7 @@ def build_transform(cfg):
         transforms.RandomHorizontalFlip(), transforms.PILToTensor()])
 
 
-# ----------------------------------------------------------------------------- 6. Training
+# ----------------------------------------------------------------------------- training
 
 def release_no_decay(name, p):
     """Release's decay exemptions (tools/main_pretrain.py:283, timm 0.5.4): 1-D params and biases; cls token decayed."""
@@ -516,7 +516,7 @@ def main(cfg):
             print0(f"skipped {n_skipped} unreadable images so far")
 
 
-# ----------------------------------------------------------------------------- 7. Appendix: ViT (MAE-style)
+# ----------------------------------------------------------------------------- appendix: ViT (MAE-style)
 # timm vit_* parameter names, fixed 2-D sin-cos positions, qkv bias, pre-norm blocks, no layer scale.
 
 VIT_SIZES = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6),  # name: (width D, depth, heads)
@@ -618,7 +618,7 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
 
-# ----------------------------------------------------------------------------- 7. Appendix: ResNet-50 tokens
+# ----------------------------------------------------------------------------- appendix: ResNet-50 tokens
 
 class ResNetTokens(nn.Module):
     """Our ResNet-50 neck (the release is ViT-only): torchvision trunk, tokens at stride 16 like a /16 ViT.
@@ -642,7 +642,7 @@ class ResNetTokens(nn.Module):
         return torch.cat([t.mean(1, keepdim=True), t], dim=1)          # (B, 1+N, 1024)
 
 
-# ----------------------------------------------------------------------------- 7. Appendix: visualisation, checks
+# ----------------------------------------------------------------------------- appendix: visualisation, checks
 
 @torch.no_grad()
 def visualize(m, images, path, seed=0):

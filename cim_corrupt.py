@@ -8,8 +8,8 @@ dVAE; what that text leaves open is a flag (docs/cim_corrupt.md).
     torchrun --nproc_per_node 8 cim_corrupt.py --preset vit_base_300ep --data /imagenet --tokenizer OUT/tokenizer.pth
     python cim_corrupt.py --preset tiny --data synthetic --out out/cim_tiny      # CPU smoke test, random dVAE
 
-Result: not measured on ImageNet (no GPU run yet); small-image runs and their pictures are in docs/cim_corrupt.md.
-Sections: 1 config | 2 corruption | 3 losses | 4 model | 5 data | 6 training | 7 appendix: ViT, dVAE, viz, checks.
+Result: not measured on ImageNet; H200 step rate, small-image runs and pictures: docs/cim_corrupt.md.
+Sections: config | corruption | losses | model | data | training | appendix: ViT, dVAE, visualisation, checks.
 """
 import contextlib
 import dataclasses
@@ -33,7 +33,7 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, Progress, accum_steps, all_fini
                     resume, rng_state, run_settings, save_checkpoint, seed_all, setup_dist, skipped_images)
 
 
-# ----------------------------------------------------------------------------- 1. Config
+# ----------------------------------------------------------------------------- config
 @dataclasses.dataclass
 class Config:
     """Corrupted Image Modeling pre-training; sources of the defaults and open choices: docs/cim_corrupt.md."""
@@ -111,7 +111,7 @@ class Config:
     }
 
 
-# ----------------------------------------------------------------------------- 2. Corruption (Sec. 2.1)
+# ----------------------------------------------------------------------------- corruption (Sec. 2.1)
 def random_mask(B, N, ratio, device):
     """Uniform random masking ("randomly selected", abstract): (B, N) bool, True = masked, round(N * ratio) per row."""
     return torch.rand(B, N, device=device).argsort(1).argsort(1) < int(round(N * ratio))
@@ -146,7 +146,7 @@ def tok_size(cfg):   # tokenizer view side: its x8-smaller grid is the patch gri
     return 8 * (cfg.img_size // cfg.patch_size)
 
 
-# ----------------------------------------------------------------------------- 3. Losses
+# ----------------------------------------------------------------------------- losses
 def mim_loss(logits, ids, mask):
     """L_gen, BEiT's objective: cross-entropy of logits (B, N, V) vs tokenizer ids (B, N) at masked positions."""
     ce = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten(), reduction="none").view_as(mask)
@@ -164,7 +164,7 @@ def revdet_loss(logits, replaced):
     return F.binary_cross_entropy_with_logits(logits.float(), replaced.float())
 
 
-# ----------------------------------------------------------------------------- 4. Model
+# ----------------------------------------------------------------------------- model
 class CIM(nn.Module):
     """Generator (small BEiT + lm head) and enhancer (ViT or ResNet-50 + per-token head); forward -> (loss, logs)."""
     def __init__(self, cfg, tokenizer):
@@ -250,7 +250,7 @@ class CIM(nn.Module):
         return loss_gen + self.cfg.lam * loss_enh, logs
 
 
-# ----------------------------------------------------------------------------- 5. Data
+# ----------------------------------------------------------------------------- data
 def build_transform(cfg):
     """BEiT: crop 0.08-1 bicubic, flip, ColorJitter 0.4 (after the crop: cheaper) -> uint8; other views on device."""
     crop = transforms.RandomResizedCrop(cfg.img_size, (cfg.crop_min_scale, 1.0),
@@ -259,7 +259,7 @@ def build_transform(cfg):
                                transforms.PILToTensor()])
 
 
-# ----------------------------------------------------------------------------- 6. Training
+# ----------------------------------------------------------------------------- training
 def train_tokenizer(cfg, rank, world, device, path):
     """DALL-E's dVAE recipe in small on the pre-training tokenizer view (Gumbel tau 1 -> 1/16). Not resumable."""
     tok = new_tokenizer(cfg, tok_size(cfg)).to(device)
@@ -337,7 +337,7 @@ def main(cfg):
                              "scaler": scaler.state_dict(), "epoch": epoch, "rng": rng_state(), "settings": settings,
                              "config": dataclasses.asdict(cfg), "default_encoder": "enhancer",
                              "encoders": {"enhancer": layout(raw_model.enhancer.state_dict())},
-                             "encoder_args": raw_model.encoder_args, "pool": "mean"},   # pool: BEiT fine-tunes with mean pooling
+                             "encoder_args": raw_model.encoder_args, "pool": "mean"},   # BEiT fine-tuning pools by mean
                             os.path.join(cfg.out, "checkpoint.pth"))
 
     progress, last = Progress(total_steps, global_batch, cfg.log_every), {}
@@ -382,7 +382,7 @@ def main(cfg):
             print0(f"skipped {n_skipped} unreadable images so far")
 
 
-# ----------------------------------------------------------------------------- 7. Appendix: ViT (generator, enhancer)
+# ----------------------------------------------------------------------------- appendix: ViT (generator, enhancer)
 VIT_SIZES = {"vit_tiny": (192, 12, 3), "vit_base": (768, 12, 12)}   # (width, depth, heads)
 
 
@@ -490,7 +490,7 @@ def to_timm_layout(sd):
     return sd
 
 
-# ----------------------------------------------------------------------------- Appendix: dVAE tokenizer (DALL-E layout)
+# ----------------------------------------------------------------------------- appendix: dVAE tokenizer (DALL-E layout)
 EPS = 0.1   # DALL-E's logit_laplace_eps: pixels live in [0.1, 0.9] so the logit-Laplace likelihood stays finite
 
 
@@ -651,7 +651,7 @@ def load_tokenizer(cfg):
     return tok.eval().requires_grad_(False)
 
 
-# ----------------------------------------------------------------------------- Appendix: visualisation, checks
+# ----------------------------------------------------------------------------- appendix: visualisation, checks
 @torch.no_grad()
 def visualize(m, images, path):
     """Columns: original | dVAE recon | corrupted | replaced | ResPix output (window stats undone) or RevDet prob."""
