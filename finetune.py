@@ -1,8 +1,6 @@
 """
-finetune.py - evaluate any method's pre-trained encoder with the protocol its paper's tables use: fine-tuning (BEiT
-run_class_finetuning.py / MAE main_finetune.py), linear probe (MAE main_linprobe.py; BEiT's per-block probe as an
-option) or weighted kNN (DINO eval_knn.py), on `encoders[--from]` of a conmim.py / cim_correlate.py / cim_corrupt.py
-checkpoint (timm vit_* / beit_* layout, or torchvision ResNet-50) or a random encoder. Protocols: docs/finetune.md.
+finetune.py - evaluate a method file's exported encoder (or a random one) as the papers' tables do: BEiT/MAE
+fine-tuning, MAE linear probe (or BEiT's per-block probe) or DINO weighted kNN. Protocols: docs/finetune.md.
 
     python finetune.py --pretrained out/conmim/checkpoint.pth --data /imagenet --mode finetune   # BEiT/MAE recipe
     python finetune.py --pretrained out/conmim/checkpoint.pth --data /imagenet --mode linear     # MAE linear probe
@@ -63,6 +61,7 @@ class Config:
     knn_t: float = 0.07           # temperature of the exp(sim / t) vote weights (DINO)
     device: str = "cuda"          # "cpu" works (slowly)
     amp: str = "bf16"             # CUDA only; CPU runs fp32
+    compile: bool = False         # torch.compile the classifier for training (not kNN)
     workers: int = 10             # data loader processes per GPU
     steps_per_epoch: int = 0      # 0 = full pass; >0 caps it (smoke tests)
     stop_after: int = 0           # exit after this many steps of this run, leaving a resumable checkpoint; 0 = off
@@ -88,12 +87,8 @@ FILL = tuple(round(255 * c) for c in IMAGENET_MEAN)   # geometric ops fill with 
 BICUBIC = Image.Resampling.BICUBIC
 
 
-def _affine(img, matrix):
+def _affine(img, *matrix):
     return img.transform(img.size, Image.Transform.AFFINE, matrix, BICUBIC, fillcolor=FILL)
-
-
-def _enhance(kind):
-    return lambda img, v: getattr(ImageEnhance, kind)(img).enhance(max(0.1, 1.0 + v))
 
 
 RA_OPS = {   # timm's 15 "increasing" ops: name -> (level m of 10 -> argument, random sign?, op(img, argument))
@@ -106,18 +101,18 @@ RA_OPS = {   # timm's 15 "increasing" ops: name -> (level m of 10 -> argument, r
     "SolarizeIncreasing": (lambda m: 256 - int(256 * m / 10), False, lambda img, v: ImageOps.solarize(img, v)),
     "SolarizeAdd": (lambda m: min(128, int(110 * m / 10)), False,
                     lambda img, v: img.point([min(255, i + v) if i < 128 else i for i in range(256)] * 3)),
-    **{f"{k}Increasing": (lambda m: 0.9 * m / 10, True, _enhance(k))   # enhance factor 1 +- level
+    **{f"{k}Increasing": (lambda m: 0.9 * m / 10, True,   # enhance factor 1 +- level, at least 0.1 (timm)
+                          lambda img, v, e=getattr(ImageEnhance, k): e(img).enhance(max(0.1, 1.0 + v)))
        for k in ("Color", "Contrast", "Brightness", "Sharpness")},
-    "ShearX": (lambda m: 0.3 * m / 10, True, lambda img, v: _affine(img, (1, v, 0, 0, 1, 0))),
-    "ShearY": (lambda m: 0.3 * m / 10, True, lambda img, v: _affine(img, (1, 0, 0, v, 1, 0))),
-    "TranslateXRel": (lambda m: 0.45 * m / 10, True, lambda img, v: _affine(img, (1, 0, v * img.size[0], 0, 1, 0))),
-    "TranslateYRel": (lambda m: 0.45 * m / 10, True, lambda img, v: _affine(img, (1, 0, 0, 0, 1, v * img.size[1]))),
+    "ShearX": (lambda m: 0.3 * m / 10, True, lambda img, v: _affine(img, 1, v, 0, 0, 1, 0)),
+    "ShearY": (lambda m: 0.3 * m / 10, True, lambda img, v: _affine(img, 1, 0, 0, v, 1, 0)),
+    "TranslateXRel": (lambda m: 0.45 * m / 10, True, lambda img, v: _affine(img, 1, 0, v * img.size[0], 0, 1, 0)),
+    "TranslateYRel": (lambda m: 0.45 * m / 10, True, lambda img, v: _affine(img, 1, 0, 0, 0, 1, v * img.size[1])),
 }
 
 
 class RandAugment:
-    """timm `rand-m{m}-mstd0.5-inc1` (BEiT/MAE fine-tuning): n ops drawn with replacement, each applied with prob. 0.5
-    at a magnitude ~ N(m, std) clipped to [0, 10]; torch RNG, so a resumed run draws the same ops."""
+    """timm `rand-m{m}-mstd0.5-inc1`: n ops, each with prob. 0.5 at magnitude ~ N(m, std) in [0, 10] (torch RNG)."""
 
     def __init__(self, m=9, n=2, std=0.5):
         self.m, self.n, self.std, self.names = m, n, std, list(RA_OPS)
@@ -134,8 +129,7 @@ class RandAugment:
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS as MAE's linear probe (util/lars.py, from MoCo v3): momentum SGD whose update of each >1-D weight is
-    weight-decayed and rescaled to trust x |w| / |update|; 1-D parameters get the plain momentum step."""
+    """MAE's LARS: momentum SGD; a >1-D weight's decayed update is rescaled to trust x |w| / |update|."""
 
     def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust=0.001):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust=trust))
@@ -154,19 +148,18 @@ class LARS(torch.optim.Optimizer):
 
 
 class Classifier(nn.Module):
-    """Encoder + one head per pooled feature. Pooling (BEiT/MAE): mean = LayerNorm of the mean of the raw patch tokens
-    (the encoder's final norm unused; learned fc_norm when fine-tuning, a fresh frozen one, i.e. no affine, when
-    probing), cls = the normed cls token. linear: frozen encoder, BatchNorm1d(affine=False) + Linear heads (MAE);
-    probe blocks: Linear on [cls, mean] of each raw block output (BEiT). ResNet: global-average features."""
+    """Encoder + one head per pooled feature (names: cls, mean, avg for a ResNet, or block1.. for BEiT's probe)."""
 
     def __init__(self, encoder, dim, num_classes, mode, pool, is_vit, probe="final"):
         super().__init__()
-        self.encoder, self.mode, self.is_vit, self.probe = encoder, mode, is_vit, probe
+        self.encoder, self.mode, self.is_vit = encoder, mode, is_vit
         blocks = mode == "linear" and probe == "blocks" and is_vit   # BEiT's probe: one head per block
         self.names = ["avg"] if not is_vit else [f"block{i + 1}" for i in range(len(encoder.blocks))] if blocks \
             else ["cls", "mean"] if pool == "both" else [pool]
-        if mode == "finetune" and pool == "mean" and is_vit:
-            self.encoder.norm, self.fc_norm = nn.Identity(), nn.LayerNorm(dim, eps=1e-6)   # BEiT use_mean_pooling
+        learned = mode == "finetune" and pool == "mean" and is_vit   # BEiT use_mean_pooling: final norm -> fc_norm
+        self.fc_norm = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=learned)   # probes: a fresh one, frozen
+        if learned:
+            self.encoder.norm = nn.Identity()
         in_dim = 2 * dim if blocks else dim
         self.heads = nn.ModuleDict({n: nn.Linear(in_dim, num_classes) for n in self.names})
         for h in self.heads.values():
@@ -185,16 +178,8 @@ class Classifier(nn.Module):
         outs = self.encoder.forward_blocks(x)                 # per block (B, 1+N, D), raw
         if self.names[0].startswith("block"):   # [cls, mean] of every raw block output
             return {n: torch.cat([t[:, 0], t[:, 1:].mean(1)], -1) for n, t in zip(self.names, outs)}
-        t, feats = outs[-1], {}
-        if "cls" in self.names:
-            feats["cls"] = self.encoder.norm(t[:, 0])
-        if "mean" in self.names:
-            m = t[:, 1:].mean(1)
-            feats["mean"] = self.fc_norm(m) if hasattr(self, "fc_norm") else F.layer_norm(m, m.shape[-1:], eps=1e-6)
-        return feats
-
-    def features(self, x):                                     # (B, F): the pooled features concatenated
-        return torch.cat(list(self.pooled(x).values()), dim=-1)
+        feats = {"cls": self.encoder.norm(outs[-1][:, 0]), "mean": self.fc_norm(outs[-1][:, 1:].mean(1))}
+        return {n: feats[n] for n in self.names}
 
     def forward(self, x):                                      # -> {name: (B, classes) logits}
         if self.mode == "finetune":
@@ -206,13 +191,9 @@ class Classifier(nn.Module):
 
 
 def layer_decay_groups(model, weight_decay, layer_decay):
-    """BEiT layer-wise lr decay: patch embed / cls / positions are layer 0, block i layer i+1, the rest (norms, heads;
-    all of a ResNet) layer L+1; lr scale = layer_decay^(L+1-layer). No weight decay where common.no_decay says so."""
-    L = len(model.encoder.blocks) if model.is_vit else 0
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
+    """BEiT layer-wise lr decay: lr scale layer_decay^(L+1-layer) (layers: docs/finetune.md); common.no_decay rule."""
+    L, groups = len(model.encoder.blocks) if model.is_vit else 0, {}
+    for name, p in ((n, p) for n, p in model.named_parameters() if p.requires_grad):
         n = name.removeprefix("encoder.")
         layer = int(n.split(".")[1]) + 1 if n.startswith("blocks.") else 0 if n.startswith(
             ("cls_token", "pos_embed", "patch_embed")) else L + 1
@@ -223,8 +204,7 @@ def layer_decay_groups(model, weight_decay, layer_decay):
 
 
 def knn_classify(train_f, train_y, test_f, num_classes, k=20, t=0.07, chunk=256):
-    """DINO weighted kNN: cosine similarity of L2-normalised features, the top-k neighbours vote with exp(sim / t).
-    -> class scores (M_test, num_classes)."""
+    """DINO weighted kNN: the top-k cosine neighbours vote with exp(sim / t) -> class scores (M_test, num_classes)."""
     train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
     scores = []
     for q in test_f.split(chunk):
@@ -288,8 +268,7 @@ def all_gather_cat(t):   # concatenate equal-sized tensors across ranks
 
 @torch.no_grad()
 def extract(fn, loader, device, autocast):
-    """fn(images) -> {name: (B, F)} over the whole split, once per sample: rows are gathered from every rank with their
-    dataset indices and the DistributedSampler's padding repeats dropped (as DINO). -> {name: (M, F)}, (M,) labels"""
+    """fn(images) -> {name: (B, F)} over the split, gathered from all ranks, each sample once -> {name: (M, F)}, (M,)"""
     outs, labels = defaultdict(list), []
     for x, y in loader:
         with autocast():
@@ -357,17 +336,16 @@ def main(cfg):
                            "skipped": skipped_images(train_set) + skipped_images(val_set)})
         return {"top1": top1, "top5": top5, "per_pool": res}
 
-    model = raw_model if world == 1 else nn.parallel.DistributedDataParallel(
-        raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = torch.compile(raw_model) if cfg.compile else raw_model   # nanoGPT's order: compile, then DDP
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     steps_per_epoch = min(len(loader), cfg.steps_per_epoch or len(loader))
     total_steps = cfg.epochs * steps_per_epoch
     lr = cfg.blr * cfg.batch_size * world / 256
     print0(f"{protocol} (pool {pools}): lr = {cfg.blr} x {cfg.batch_size} x {world} / 256 = {lr:.2e}, "
            f"{total_steps} steps, out {cfg.out}")
     if cfg.mode == "linear" and cfg.probe == "final":
-        opt = LARS(raw_model.heads.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-        for g in opt.param_groups:
-            g["lr_scale"] = 1.0
+        opt = LARS([{"params": raw_model.heads.parameters(), "lr_scale": 1.0}], lr=lr, weight_decay=cfg.weight_decay)
     else:
         ld = cfg.layer_decay if cfg.mode == "finetune" else 1.0
         opt = torch.optim.AdamW(layer_decay_groups(raw_model, cfg.weight_decay, ld), lr=lr, betas=(0.9, 0.999),
@@ -422,14 +400,12 @@ def main(cfg):
                                "top5": top5, "head": head, "per_head": res, "protocol": protocol, "pool": pools,
                                "skipped": n_skip})
         if rank == 0:
+            state = {"model": raw_model.state_dict(), "epoch": epoch, "settings": settings, "config": vars(cfg)}
             if not stopping and top1 >= best:
                 best = top1
-                save_checkpoint({"model": raw_model.state_dict(), "epoch": epoch, "top1": top1, "settings": settings,
-                                 "config": dataclasses.asdict(cfg)}, os.path.join(cfg.out, "best.pth"))
-            save_checkpoint({"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "step": it + 1,
-                             "scaler": scaler.state_dict(), "epoch": epoch, "rng": rng_state(), "best": best,
-                             "settings": settings, "config": dataclasses.asdict(cfg)},
-                            os.path.join(cfg.out, "checkpoint.pth"))
+                save_checkpoint({**state, "top1": top1}, os.path.join(cfg.out, "best.pth"))
+            save_checkpoint({**state, "optimizer": opt.state_dict(), "step": it + 1, "scaler": scaler.state_dict(),
+                             "rng": rng_state(), "best": best}, os.path.join(cfg.out, "checkpoint.pth"))
         if stopping:
             print0(f"stopping after {cfg.stop_after} steps; run the same command again to resume")
             break
@@ -443,8 +419,7 @@ VIT_SIZES = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6),  # name: (widt
 
 
 def build_encoder(cfg):
-    """-> (encoder, feature width, encoder args incl. "pool"). A ViT gets one relative-bias table per block (BEiT
-    fine-tuning), positions resized to cfg.img_size; a ResNet-50 comes from torchvision without its fc."""
+    """-> (encoder, width, args incl. "pool"): a ViT (per-block bias tables, positions resized) or a ResNet-50."""
     if cfg.pretrained and cfg.pretrained != "random":
         ck = load_checkpoint(cfg.pretrained)
         if "encoders" not in ck or "encoder_args" not in ck:
