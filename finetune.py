@@ -92,9 +92,8 @@ def _affine(img, *matrix):
 
 
 RA_OPS = {   # timm's 15 "increasing" ops: name -> (level m of 10 -> argument, random sign?, op(img, argument))
-    "AutoContrast": (None, False, lambda img, v: ImageOps.autocontrast(img)),
-    "Equalize": (None, False, lambda img, v: ImageOps.equalize(img)),
-    "Invert": (None, False, lambda img, v: ImageOps.invert(img)),
+    **{k: (None, False, lambda img, v, op=getattr(ImageOps, k.lower()): op(img))   # no argument
+       for k in ("AutoContrast", "Equalize", "Invert")},
     "Rotate": (lambda m: 30 * m / 10, True, lambda img, v: img.rotate(v, BICUBIC, fillcolor=FILL)),   # degrees
     "PosterizeIncreasing": (lambda m: 4 - int(4 * m / 10), False,   # bits kept; 0 (m 10) = black, as old Pillow
                             lambda img, v: ImageOps.posterize(img, v) if v else Image.new(img.mode, img.size)),
@@ -182,10 +181,9 @@ class Classifier(nn.Module):
         return {n: feats[n] for n in self.names}
 
     def forward(self, x):                                      # -> {name: (B, classes) logits}
-        if self.mode == "finetune":
-            return {n: self.heads[n](f) for n, f in self.pooled(x).items()}
-        self.encoder.eval()                                    # frozen: no dropout / drop path / BN updates
-        with torch.no_grad():
+        if self.mode != "finetune":
+            self.encoder.eval()                                # frozen: no dropout / drop path / BN updates
+        with torch.set_grad_enabled(self.mode == "finetune" and torch.is_grad_enabled()):
             feats = self.pooled(x)
         return {n: self.heads[n](f.float()) for n, f in feats.items()}
 
@@ -229,10 +227,9 @@ def build_transforms(cfg, img_size):
     crop = [transforms.RandomResizedCrop(img_size, interpolation=bicubic), transforms.RandomHorizontalFlip()]
     if cfg.mode == "knn":
         return val, val
-    if cfg.mode == "linear":   # MAE linprobe: crop + flip only
-        return transforms.Compose(crop + norm), val
-    erase = [transforms.RandomErasing(cfg.reprob, value="random")] if cfg.reprob else []
-    return transforms.Compose(crop + ([RandAugment(cfg.randaug)] if cfg.randaug else []) + norm + erase), val
+    ra = [RandAugment(cfg.randaug)] if cfg.randaug and cfg.mode == "finetune" else []   # linear: crop + flip (MAE)
+    erase = [transforms.RandomErasing(cfg.reprob, value="random")] if cfg.reprob and cfg.mode == "finetune" else []
+    return transforms.Compose(crop + ra + norm + erase), val
 
 
 def build_data(cfg, img_size):
@@ -457,8 +454,9 @@ def build_encoder(cfg):
             sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], old_grid, enc.grid)
         elif "pos_embed" in sd:   # fixed sin-cos buffer: recompute for the new grid
             sd["pos_embed"] = enc.pos_embed
-        for k in [k for k in sd if k.endswith("relative_position_bias_table")]:
-            sd[k] = resize_rel_pos_table(sd[k], old_grid, enc.grid)
+        for k in [k for k in sd if k.endswith("relative_position_bias_table")]:   # offset grid + 3 cls rows kept
+            offsets = [[2 * g - 1 for g in grid] for grid in (old_grid, enc.grid)]   # (2h-1, 2w-1)
+            sd[k] = torch.cat([resize_grid(sd[k][:-3], *offsets), sd[k][-3:]])
         enc.load_state_dict(sd, strict=True)
     return enc, kw["embed_dim"], args
 
@@ -474,23 +472,17 @@ def from_timm_layout(sd):
     return out
 
 
-def resize_rel_pos_table(table, old_grid, new_grid):
-    """BEiT table ((2h-1)(2w-1) + 3, heads) for another grid: bicubic on the offset grid, the 3 cls rows kept."""
-    if tuple(old_grid) == tuple(new_grid):
-        return table
-    nh = table.shape[1]
-    grid = table[:-3].T.reshape(1, nh, 2 * old_grid[0] - 1, 2 * old_grid[1] - 1)
-    grid = F.interpolate(grid, size=(2 * new_grid[0] - 1, 2 * new_grid[1] - 1), mode="bicubic", align_corners=False)
-    return torch.cat([grid.reshape(nh, -1).T, table[-3:]])
+def resize_grid(rows, old, new):
+    """(h*w, C) rows of an h x w grid -> (h'*w', C) for another grid, bicubic (positions, BEiT bias tables)."""
+    if tuple(old) == tuple(new):
+        return rows
+    grid = rows.T.reshape(1, -1, *old).float()                                           # (1, C, h, w)
+    grid = F.interpolate(grid, size=tuple(new), mode="bicubic", align_corners=False)     # (1, C, h', w')
+    return grid.reshape(rows.shape[1], -1).T.to(rows.dtype)
 
 
-def resize_pos_embed(pos_embed, old_grid, new_grid):
-    """(1, 1+gh*gw, D) positions for another grid: bicubic on the patch part, the cls position kept."""
-    if tuple(old_grid) == tuple(new_grid):
-        return pos_embed
-    grid = pos_embed[:, 1:].reshape(1, *old_grid, -1).permute(0, 3, 1, 2)                # (1, D, gh, gw)
-    grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False).to(pos_embed.dtype)
-    return torch.cat([pos_embed[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)         # (1, 1+h*w, D)
+def resize_pos_embed(pos_embed, old_grid, new_grid):   # (1, 1+h*w, D) -> (1, 1+h'*w', D), the cls position kept
+    return torch.cat([pos_embed[:, :1], resize_grid(pos_embed[0, 1:], old_grid, new_grid)[None]], dim=1)
 
 
 def sincos_pos_embed(D, h, w):
@@ -526,10 +518,9 @@ class Attention(nn.Module):
     def forward(self, x):                                              # (B, T, D) -> (B, T, D)
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, h, T, d)
-        bias = None
-        if hasattr(self, "relative_position_index"):
-            bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)[None]  # (1,h,T,T)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
+        bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)[None].to(q.dtype) \
+            if hasattr(self, "relative_position_index") else None                                      # (1, h, T, T)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
 
@@ -551,8 +542,7 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT encoder in timm key layout, every layout the method files export: pos_embed "learned" | "sincos" (fixed
-    buffer) | "none"; rel_pos True: a BEiT bias table per block. forward(images) -> (B, 1+N, D) normed tokens."""
+    """ViT in timm key layout; pos_embed "learned" | "sincos" (fixed) | "none"; rel_pos: a BEiT bias table per block."""
 
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
                  qkv_bias=True, pos_embed="learned", rel_pos=False, init_values=None, drop_path=0.0, in_chans=3):
@@ -583,10 +573,7 @@ class VisionTransformer(nn.Module):
         if self.pos_embed is not None:
             x = x + resize_pos_embed(self.pos_embed, self.grid, (images.shape[-2] // self.patch_size,
                                                                  images.shape[-1] // self.patch_size))
-        outs = []
-        for blk in self.blocks:
-            outs.append(x := blk(x))
-        return outs
+        return [x := blk(x) for blk in self.blocks]
 
     def forward(self, images):                                         # (B, C, H, W) -> (B, 1+N, D)
         return self.norm(self.forward_blocks(images)[-1])
