@@ -61,7 +61,6 @@ class Config:
     knn_t: float = 0.07           # temperature of the exp(sim / t) vote weights (DINO)
     device: str = "cuda"          # "cpu" works (slowly)
     amp: str = "bf16"             # CUDA only; CPU runs fp32
-    compile: bool = False         # torch.compile the classifier for training (not kNN)
     workers: int = 10             # data loader processes per GPU
     steps_per_epoch: int = 0      # 0 = full pass; >0 caps it (smoke tests)
     stop_after: int = 0           # exit after this many steps of this run, leaving a resumable checkpoint; 0 = off
@@ -333,9 +332,8 @@ def main(cfg):
                            "skipped": skipped_images(train_set) + skipped_images(val_set)})
         return {"top1": top1, "top5": top5, "per_pool": res}
 
-    model = torch.compile(raw_model) if cfg.compile else raw_model   # nanoGPT's order: compile, then DDP
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = raw_model if world == 1 else nn.parallel.DistributedDataParallel(
+        raw_model, device_ids=[device.index] if device.type == "cuda" else None)
     steps_per_epoch = min(len(loader), cfg.steps_per_epoch or len(loader))
     total_steps = cfg.epochs * steps_per_epoch
     lr = cfg.blr * cfg.batch_size * world / 256
@@ -355,7 +353,7 @@ def main(cfg):
     smooth = cfg.smoothing if cfg.mode == "finetune" else 0.0   # probes: plain cross-entropy (MAE, BEiT)
     start = resume(cfg.out, raw_model, opt, scaler, rank, cfg.seed, settings=settings)
     best = load_checkpoint(os.path.join(cfg.out, "checkpoint.pth")).get("best", 0.0) if start else 0.0
-    progress, skipped = Progress(total_steps, cfg.batch_size * world, cfg.log_every), 0
+    progress = Progress(total_steps, cfg.batch_size * world, cfg.log_every)
     top1 = top5 = 0.0
     for epoch in range(start // steps_per_epoch, cfg.epochs):
         loader.sampler.set_epoch(epoch)
@@ -382,10 +380,8 @@ def main(cfg):
             if cfg.stop_after and it + 1 - start >= cfg.stop_after:
                 break
         stopping = cfg.stop_after and it + 1 - start >= cfg.stop_after and it + 1 < total_steps
-        n_skip = skipped_images(train_set)
-        if n_skip > skipped:
-            print0(f"epoch {epoch}: skipped {n_skip - skipped} unreadable training images ({n_skip} so far)")
-        skipped = n_skip
+        if n_skip := skipped_images(train_set):   # every rank: summed over loader workers and ranks
+            print0(f"epoch {epoch}: {n_skip} unreadable training images skipped so far")
         if not stopping:
             scores, val_y = extract(raw_model.eval(), val_loader, device, autocast)
             res = {n: accuracy(s, val_y) for n, s in scores.items()}
@@ -417,7 +413,14 @@ VIT_SIZES = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6),  # name: (widt
 
 def build_encoder(cfg):
     """-> (encoder, width, args incl. "pool"): a ViT (per-block bias tables, positions resized) or a ResNet-50."""
-    if cfg.pretrained and cfg.pretrained != "random":
+    if not cfg.pretrained:
+        fail("--pretrained is required: a method checkpoint, or 'random' for a randomly initialised baseline")
+    if cfg.pretrained == "random":
+        D, depth, heads = VIT_SIZES.get(cfg.arch, (0, 0, 0))
+        sd, args = None, {"arch": "resnet50"} if cfg.arch == "resnet50" else dict(
+            arch="vit", img_size=cfg.img_size or 224, patch_size=cfg.patch_size, embed_dim=D, depth=depth,
+            num_heads=heads, pos_embed="sincos", rel_pos="none", init_values=None, pool="mean")
+    else:
         ck = load_checkpoint(cfg.pretrained)
         if "encoders" not in ck or "encoder_args" not in ck:
             fail(f"{cfg.pretrained} has no 'encoders'/'encoder_args': not a checkpoint of this project's method files")
@@ -427,14 +430,6 @@ def build_encoder(cfg):
         args, sd = dict(ck["encoder_args"]), ck["encoders"][name]
         args["pool"] = ck.get("pool", "mean")   # BEiT/ConMIM use_mean_pooling, MAE/CIM global_pool: mean
         print0(f"loading encoder '{name}' ({args['arch']}) from {cfg.pretrained}")
-    elif cfg.pretrained == "random":
-        D, depth, heads = VIT_SIZES.get(cfg.arch, (0, 0, 0))
-        args = {"arch": "resnet50"} if cfg.arch == "resnet50" else dict(
-            arch="vit", img_size=cfg.img_size or 224, patch_size=cfg.patch_size, embed_dim=D, depth=depth,
-            num_heads=heads, pos_embed="sincos", rel_pos="none", init_values=None, pool="mean")
-        sd = None
-    else:
-        fail("--pretrained is required: a method checkpoint, or 'random' for a randomly initialised baseline")
     if args["arch"] == "resnet50":
         enc = torchvision.models.resnet50()
         enc.fc = nn.Identity()
@@ -450,10 +445,9 @@ def build_encoder(cfg):
     enc = VisionTransformer(**kw, drop_path=cfg.drop_path if cfg.mode == "finetune" else 0.0)
     if sd is not None:
         sd = from_timm_layout(sd)
-        if isinstance(enc.pos_embed, nn.Parameter) and "pos_embed" in sd:   # learned: bicubic to the new grid
-            sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], old_grid, enc.grid)
-        elif "pos_embed" in sd:   # fixed sin-cos buffer: recompute for the new grid
-            sd["pos_embed"] = enc.pos_embed
+        if "pos_embed" in sd:   # learned: bicubic to the new grid; fixed sin-cos: recomputed for it
+            learned = isinstance(enc.pos_embed, nn.Parameter)
+            sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], old_grid, enc.grid) if learned else enc.pos_embed
         for k in [k for k in sd if k.endswith("relative_position_bias_table")]:   # offset grid + 3 cls rows kept
             offsets = [[2 * g - 1 for g in grid] for grid in (old_grid, enc.grid)]   # (2h-1, 2w-1)
             sd[k] = torch.cat([resize_grid(sd[k][:-3], *offsets), sd[k][-3:]])

@@ -169,7 +169,7 @@ def test_run_over_folder_with_bad_files_completes(tmp_path):
     r = run(["finetune.py", "--preset", "tiny", "--pretrained", "random", "--data", str(tmp_path / "data"),
              "--mode", "knn", "--batch-size", "4", "--out", str(tmp_path / "o")])
     assert r.returncode == 0, r.stderr
-    assert "holding out 2 of 20" in r.stdout and "kNN" in r.stdout
+    assert "holding out 1 of 18" in r.stdout and "kNN" in r.stdout
     log = [json.loads(line) for line in open(tmp_path / "o" / "log.jsonl")]
     assert log[-1]["mode"] == "knn"
 
