@@ -1,5 +1,4 @@
-"""common.py - generic helpers of the method files and finetune.py (no paper's method is in here): config parsing,
-distributed setup, seeding, schedules, checkpoints with safe auto-resume, an image folder that survives bad files."""
+"""common.py - generic helpers of the method files and finetune.py (no method in here); notes: docs/finetune.md."""
 import argparse
 import atexit
 import dataclasses
@@ -11,7 +10,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import sys
 import time
 
@@ -20,10 +18,9 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from torchvision.datasets import DatasetFolder
+from torchvision import datasets
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
 def fail(msg):
@@ -32,37 +29,34 @@ def fail(msg):
 
 
 def parse_config(cls, argv=None, defaults=None):
-    """Flat @dataclass -> CLI (`--mask-ratio` or `--mask_ratio`; --help shows each field's comment; CHOICES =
-    {"field": (...)} restricts values). Precedence: field < `defaults` < PRESETS[--preset] < command line."""
+    """Flat @dataclass -> CLI; precedence: field < `defaults` < PRESETS[--preset] < command line."""
     comments = dict(re.findall(r"^\s+(\w+)\s*:.*?#\s*(.*)$", inspect.getsource(cls), re.M))
     parser = argparse.ArgumentParser(description=cls.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    presets = getattr(cls, "PRESETS", {})
+    choices = {**getattr(cls, "CHOICES", {}), "preset": ["", *presets]}   # field -> allowed values
     to_bool = lambda s: {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}[s.lower()]
     for f in dataclasses.fields(cls):
         kind = dict(type=to_bool, nargs="?", const=True) if isinstance(f.default, bool) else dict(type=type(f.default))
         name = f.name.rstrip("_")   # `from_` -> --from
         parser.add_argument(*sorted({"--" + name, "--" + name.replace("_", "-")}), dest=f.name, default=f.default,
-                            choices=getattr(cls, "CHOICES", {}).get(f.name),
-                            help=comments.get(f.name, " ").replace("%", "%%"), **kind)
-    presets = getattr(cls, "PRESETS", {})
-    preset = parser.parse_known_args(argv)[0].__dict__.get("preset", "")
-    if preset and preset not in presets:
-        fail(f"--preset {preset}: unknown; choose from {', '.join(presets)}")
-    parser.set_defaults(**{**(defaults or {}), **presets.get(preset, {})})
+                            choices=choices.get(f.name), help=comments.get(f.name, " ").replace("%", "%%"), **kind)
+    preset = presets.get(parser.parse_known_args(argv)[0].__dict__.get("preset", ""), {})
+    parser.set_defaults(**{**(defaults or {}), **preset})
     return cls(**vars(parser.parse_args(argv)))
 
 
 def setup_dist(device="cuda"):
     """-> (rank, world, torch.device). Plain `python`: one process. torchrun: NCCL per GPU, or gloo on CPU."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        fail("--device cuda but no GPU is visible; pass --device cpu")
     if "RANK" not in os.environ:
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            fail("--device cuda but no GPU is visible; pass --device cpu")
         return 0, 1, torch.device(device)
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    use_cuda = device.startswith("cuda") and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
-    return rank, world, torch.device(f"cuda:{local}" if use_cuda else "cpu")
+    device = torch.device(f"cuda:{local}" if device.startswith("cuda") else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+    return rank, world, device
 
 
 def print0(*args, **kwargs):
@@ -82,13 +76,6 @@ def rng_state():
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"]), random.setstate(s["python"])
-    np.random.set_state((s["numpy"][0], s["numpy"][1].numpy().astype(np.uint32), *s["numpy"][2:]))
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
 def accum_steps(global_batch, batch_size, world, accum_iter=1):
     """Micro-batches per optimizer step: global_batch / (batch_size x world) if set, else accum_iter."""
     if global_batch and global_batch % (batch_size * world):
@@ -102,22 +89,27 @@ def batch_warning(global_batch, paper_batch, steps_per_epoch):
     """Warn when the global batch is > 2x away from the recipe's: per-step schedules (EMA, lr) then change."""
     if paper_batch and not 0.5 <= global_batch / paper_batch <= 2:
         r = paper_batch / global_batch
-        print0(f"warning: global batch {global_batch} vs the recipe's {paper_batch}: {r:.1f}x as many optimizer steps "
-               f"per epoch ({steps_per_epoch}), so per-step EMA momentum and the lr schedule act {r:.1f}x as often per "
-               f"image; use --global-batch {paper_batch} (accumulation) to match")
+        print0(f"warning: global batch {global_batch} vs the recipe's {paper_batch}: {steps_per_epoch} steps/epoch, so "
+               f"per-step EMA and lr schedules act {r:.1f}x as often per image; --global-batch {paper_batch} matches")
+
+
+def reduce_mean(t):
+    """A 0-d tensor's mean over ranks, as a float (one all-reduce; NCCL gets a GPU copy)."""
+    t = t.detach().float().clone()
+    if dist.is_initialized():
+        t = t.cuda() if dist.get_backend() == "nccl" else t
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.item()
 
 
 def all_finite(flag):
     """True when the 0-d bool tensor `flag` is True on every rank (one all-reduce: call it on log steps only)."""
-    t = flag.detach().to(torch.int32).clone()
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+    return reduce_mean(flag) == 1.0
 
 
 def cosine_schedule(base, final, total_steps, warmup_steps=0, warmup_start=0.0, warmup_endpoint=False):
-    """Per-step values (DINO-style array of floats): linear warmup_start -> base, then cosine -> final.
-    warmup_endpoint=True: the last warmup step is already at base (BEiT's and ConMIM's utils.cosine_scheduler)."""
+    """Per-step values: linear warmup_start -> base (endpoint included as BEiT's scheduler), then cosine -> final."""
     warmup = np.linspace(warmup_start, base, warmup_steps, endpoint=warmup_endpoint)
     t = np.arange(max(total_steps - warmup_steps, 0)) / max(total_steps - warmup_steps, 1)
     return np.concatenate([warmup, final + 0.5 * (base - final) * (1 + np.cos(np.pi * t))])[:total_steps].tolist()
@@ -137,22 +129,20 @@ def param_groups(model, weight_decay, skip_decay=no_decay):
 
 
 def prepare_out(out, cfg, script):
-    """Rank 0: create --out, lock it (out/run.lock = "host pid" while this run lives; a dead pid's lock is taken over,
-    Linux), keep config.json and the script's source next to the checkpoints."""
-    lock, me = os.path.join(out, "run.lock"), f"{socket.gethostname()} {os.getpid()}"
-    if int(os.environ.get("RANK", 0)) or os.path.exists(lock) and open(lock).read() == me:
+    """Rank 0: create --out, lock it while this run lives (out/run.lock), save config.json and the script."""
+    lock, me = os.path.join(out, "run.lock"), f"{os.uname().nodename} {os.getpid()}"
+    held = open(lock).read() if os.path.exists(lock) else ""
+    if int(os.environ.get("RANK", 0)) or held == me:
         return
     os.makedirs(out, exist_ok=True)
-    if os.path.exists(lock):
-        host, _, pid = open(lock).read().partition(" ")
-        if host != socket.gethostname() or os.path.exists(f"/proc/{pid or 'none'}"):
-            fail(f"--out {out} is in use by pid {pid} on {host}; pass another --out, or delete {lock} if it is gone")
+    host, _, pid = held.partition(" ")
+    if held and host == os.uname().nodename and not os.path.exists(f"/proc/{pid}"):
         os.remove(lock)   # stale: its process is dead
     try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        with open(lock, "x") as f:   # exclusive create: of two runs starting at once, one wins
+            f.write(me)
     except FileExistsError:
-        fail(f"--out {out} was locked by another run just now; pass another --out")
-    os.write(fd, me.encode()), os.close(fd)
+        fail(f"--out {out} is in use by pid {pid or '?'} on {host or '?'}; pass another --out, or delete {lock}")
     atexit.register(lambda: os.path.exists(lock) and open(lock).read() == me and os.remove(lock))
     shutil.copy(script, os.path.join(out, os.path.basename(script)))
     with open(os.path.join(out, "config.json"), "w") as f:
@@ -168,11 +158,11 @@ def save_checkpoint(state, path):
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path):
     if not os.path.isfile(path):
         fail(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         fail(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}")
 
@@ -202,7 +192,12 @@ def resume(out, raw_model, opt, scaler, rank=0, seed=0, settings=None):
         raw_model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         fail(f"--out {out} holds another model's checkpoint ({str(e).splitlines()[0][:100]}); pass a new --out")
-    scaler.load_state_dict(ck["scaler"]), set_rng_state(ck["rng"])   # rank 0's RNG streams
+    scaler.load_state_dict(ck["scaler"])
+    s = ck["rng"]   # rank 0's RNG streams
+    torch.set_rng_state(s["torch"]), random.setstate(s["python"])
+    np.random.set_state((s["numpy"][0], s["numpy"][1].numpy().astype(np.uint32), *s["numpy"][2:]))
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
     if rank:
         seed_all(seed + 1000 * ck["step"] + rank)   # other ranks: fresh, distinct streams
     print0(f"resumed from {path} at step {ck['step']}")
@@ -216,25 +211,22 @@ def log_json(out, record):
 
 
 def load_image(path):
-    """Any PIL-readable image as RGB: grayscale, CMYK, palette, alpha (composited on black) and 16-bit too."""
+    """Any PIL-readable image as RGB: grayscale, CMYK, palette, alpha and 16-bit (rescaled, not clipped) too."""
     with Image.open(path) as img:
-        img.load()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):   # 16-bit / float: rescale to 8 bits, don't clip
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             a = np.asarray(img, dtype=np.float32)
             img = Image.fromarray(np.uint8(255 * (a - a.min()) / max(float(a.max() - a.min()), 1e-6)))
         return img.convert("RGBA").convert("RGB") if img.mode in ("P", "PA", "LA") else img.convert("RGB")
 
 
-class ImageFolder(DatasetFolder):
+class ImageFolder(datasets.ImageFolder):
     """torchvision's class folders via load_image; an unreadable file is reported, counted and replaced."""
 
     def __init__(self, root, transform):
-        if not os.path.isdir(root) or not any(d.is_dir() for d in os.scandir(root)):
-            fail(f"data directory {root} " + ("has no class folders (expected <root>/<class>/<image>)"
-                                              if os.path.isdir(root) else "does not exist"))
-        super().__init__(root, load_image, IMG_EXTENSIONS, transform, allow_empty=True)
-        if not self.samples:
-            fail(f"data directory {root} has class folders but no images ({', '.join(IMG_EXTENSIONS)})")
+        try:   # torchvision's errors: no such directory, no class folder, a class folder without images
+            super().__init__(root, transform, loader=load_image)
+        except FileNotFoundError as e:
+            fail(f"data directory {root}: {e}")
         self.skipped = torch.zeros(1, dtype=torch.int64).share_memory_()   # loader workers add to it too
 
     def __getitem__(self, idx):
@@ -249,16 +241,14 @@ class ImageFolder(DatasetFolder):
 
 
 def skipped_images(dataset):
-    """Unreadable images met so far, summed over loader workers (shared counter) and ranks (all-reduce)."""
+    """Unreadable images met so far, summed over loader workers (shared counter) and ranks."""
     while not hasattr(dataset, "skipped"):   # a Subset: look inside
         dataset = dataset.dataset
-    t = dataset.skipped.clone().to("cuda" if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t) if dist.is_initialized() else None
-    return int(t.item())
+    return round(reduce_mean(dataset.skipped[0]) * (dist.get_world_size() if dist.is_initialized() else 1))
 
 
 class SyntheticImages(Dataset):
-    """Deterministic random images (smoke tests, speed runs): sample i is always the same picture."""
+    """Deterministic random images (smoke tests, speed runs): sample i is always the same blobs + noise picture."""
 
     def __init__(self, n, img_size, transform, num_classes=10):
         self.n, self.size, self.transform, self.classes = n, img_size, transform, [str(i) for i in range(num_classes)]
@@ -268,10 +258,9 @@ class SyntheticImages(Dataset):
         return self.n
 
     def __getitem__(self, idx):
-        g = torch.Generator().manual_seed(idx)
-        low = torch.rand(1, 3, 4, 4, generator=g)   # smooth blobs + noise, so crops and blur do something
-        low = torch.nn.functional.interpolate(low, size=(self.size, self.size), mode="bilinear")[0]
-        img = (0.8 * low + 0.2 * torch.rand(3, self.size, self.size, generator=g)).permute(1, 2, 0).numpy()
+        g, s = torch.Generator().manual_seed(idx), self.size
+        low = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=(s, s), mode="bilinear")[0]
+        img = (0.8 * low + 0.2 * torch.rand(3, s, s, generator=g)).permute(1, 2, 0).numpy()
         return self.transform(Image.fromarray((img * 255).astype(np.uint8))), idx % len(self.classes)
 
 
@@ -289,21 +278,19 @@ def build_dataset(data, split, transform, img_size=224, synthetic_size=512):
 
 
 class ResumableSampler(DistributedSampler):
-    """DistributedSampler (per-epoch seeded shuffle, rank shard) that can start mid-epoch after a resume."""
-
-    def __init__(self, dataset, world, rank, seed, batch_size):
-        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.batch_size, self.start_step = batch_size, 0
+    """DistributedSampler that skips the first `start_step` batches of `batch_size` (a mid-epoch resume)."""
+    batch_size = start_step = 0
 
     def __iter__(self):
         return iter(list(super().__iter__())[self.start_step * self.batch_size:])
 
 
 def build_loader(dataset, batch_size, world, rank, seed, workers, device, shuffle=True):
+    """Rank shard of the dataset; shuffle: seeded per epoch (sampler.set_epoch), whole batches, resumable."""
     if len(dataset) < batch_size * world and shuffle:
         fail(f"dataset has {len(dataset)} images, fewer than one global batch ({batch_size} x {world} GPUs)")
-    sampler = ResumableSampler(dataset, world, rank, seed, batch_size) if shuffle else \
-        DistributedSampler(dataset, world, rank, shuffle=False, drop_last=False)
+    sampler = ResumableSampler(dataset, world, rank, shuffle=shuffle, seed=seed, drop_last=shuffle)
+    sampler.batch_size = batch_size
     return DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
                       drop_last=shuffle, persistent_workers=workers > 0,   # own generator: global RNG untouched
                       generator=torch.Generator().manual_seed(seed + rank))
@@ -327,11 +314,3 @@ class Progress:
         print0(f"ep {epoch} step {it + 1}/{self.total} | " + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
                + f" | lr {lr:.2e} | {rate:.1f} img/s | eta {eta}")
         return vals
-
-
-def reduce_mean(t):
-    t = t.detach().float().clone()
-    if dist.is_initialized():
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t.item()

@@ -1,8 +1,6 @@
 """
-finetune.py - evaluate any method's pre-trained encoder with the protocol its paper's tables use: fine-tuning (BEiT
-run_class_finetuning.py / MAE main_finetune.py), linear probe (MAE main_linprobe.py; BEiT's per-block probe as an
-option) or weighted kNN (DINO eval_knn.py), on `encoders[--from]` of a conmim.py / cim_correlate.py / cim_corrupt.py
-checkpoint (timm vit_* / beit_* layout, or torchvision ResNet-50) or a random encoder. Protocols: docs/finetune.md.
+finetune.py - evaluate a method file's exported encoder (or a random one) as the papers' tables do: BEiT/MAE
+fine-tuning, MAE linear probe (or BEiT's per-block probe) or DINO weighted kNN. Protocols: docs/finetune.md.
 
     python finetune.py --pretrained out/conmim/checkpoint.pth --data /imagenet --mode finetune   # BEiT/MAE recipe
     python finetune.py --pretrained out/conmim/checkpoint.pth --data /imagenet --mode linear     # MAE linear probe
@@ -88,36 +86,31 @@ FILL = tuple(round(255 * c) for c in IMAGENET_MEAN)   # geometric ops fill with 
 BICUBIC = Image.Resampling.BICUBIC
 
 
-def _affine(img, matrix):
+def _affine(img, *matrix):
     return img.transform(img.size, Image.Transform.AFFINE, matrix, BICUBIC, fillcolor=FILL)
 
 
-def _enhance(kind):
-    return lambda img, v: getattr(ImageEnhance, kind)(img).enhance(max(0.1, 1.0 + v))
-
-
 RA_OPS = {   # timm's 15 "increasing" ops: name -> (level m of 10 -> argument, random sign?, op(img, argument))
-    "AutoContrast": (None, False, lambda img, v: ImageOps.autocontrast(img)),
-    "Equalize": (None, False, lambda img, v: ImageOps.equalize(img)),
-    "Invert": (None, False, lambda img, v: ImageOps.invert(img)),
+    **{k: (None, False, lambda img, v, op=getattr(ImageOps, k.lower()): op(img))   # no argument
+       for k in ("AutoContrast", "Equalize", "Invert")},
     "Rotate": (lambda m: 30 * m / 10, True, lambda img, v: img.rotate(v, BICUBIC, fillcolor=FILL)),   # degrees
     "PosterizeIncreasing": (lambda m: 4 - int(4 * m / 10), False,   # bits kept; 0 (m 10) = black, as old Pillow
                             lambda img, v: ImageOps.posterize(img, v) if v else Image.new(img.mode, img.size)),
     "SolarizeIncreasing": (lambda m: 256 - int(256 * m / 10), False, lambda img, v: ImageOps.solarize(img, v)),
     "SolarizeAdd": (lambda m: min(128, int(110 * m / 10)), False,
                     lambda img, v: img.point([min(255, i + v) if i < 128 else i for i in range(256)] * 3)),
-    **{f"{k}Increasing": (lambda m: 0.9 * m / 10, True, _enhance(k))   # enhance factor 1 +- level
+    **{f"{k}Increasing": (lambda m: 0.9 * m / 10, True,   # enhance factor 1 +- level, at least 0.1 (timm)
+                          lambda img, v, e=getattr(ImageEnhance, k): e(img).enhance(max(0.1, 1.0 + v)))
        for k in ("Color", "Contrast", "Brightness", "Sharpness")},
-    "ShearX": (lambda m: 0.3 * m / 10, True, lambda img, v: _affine(img, (1, v, 0, 0, 1, 0))),
-    "ShearY": (lambda m: 0.3 * m / 10, True, lambda img, v: _affine(img, (1, 0, 0, v, 1, 0))),
-    "TranslateXRel": (lambda m: 0.45 * m / 10, True, lambda img, v: _affine(img, (1, 0, v * img.size[0], 0, 1, 0))),
-    "TranslateYRel": (lambda m: 0.45 * m / 10, True, lambda img, v: _affine(img, (1, 0, 0, 0, 1, v * img.size[1]))),
+    "ShearX": (lambda m: 0.3 * m / 10, True, lambda img, v: _affine(img, 1, v, 0, 0, 1, 0)),
+    "ShearY": (lambda m: 0.3 * m / 10, True, lambda img, v: _affine(img, 1, 0, 0, v, 1, 0)),
+    "TranslateXRel": (lambda m: 0.45 * m / 10, True, lambda img, v: _affine(img, 1, 0, v * img.size[0], 0, 1, 0)),
+    "TranslateYRel": (lambda m: 0.45 * m / 10, True, lambda img, v: _affine(img, 1, 0, 0, 0, 1, v * img.size[1])),
 }
 
 
 class RandAugment:
-    """timm `rand-m{m}-mstd0.5-inc1` (BEiT/MAE fine-tuning): n ops drawn with replacement, each applied with prob. 0.5
-    at a magnitude ~ N(m, std) clipped to [0, 10]; torch RNG, so a resumed run draws the same ops."""
+    """timm `rand-m{m}-mstd0.5-inc1`: n ops, each with prob. 0.5 at magnitude ~ N(m, std) in [0, 10] (torch RNG)."""
 
     def __init__(self, m=9, n=2, std=0.5):
         self.m, self.n, self.std, self.names = m, n, std, list(RA_OPS)
@@ -134,8 +127,7 @@ class RandAugment:
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS as MAE's linear probe (util/lars.py, from MoCo v3): momentum SGD whose update of each >1-D weight is
-    weight-decayed and rescaled to trust x |w| / |update|; 1-D parameters get the plain momentum step."""
+    """MAE's LARS: momentum SGD; a >1-D weight's decayed update is rescaled to trust x |w| / |update|."""
 
     def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust=0.001):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust=trust))
@@ -154,19 +146,18 @@ class LARS(torch.optim.Optimizer):
 
 
 class Classifier(nn.Module):
-    """Encoder + one head per pooled feature. Pooling (BEiT/MAE): mean = LayerNorm of the mean of the raw patch tokens
-    (the encoder's final norm unused; learned fc_norm when fine-tuning, a fresh frozen one, i.e. no affine, when
-    probing), cls = the normed cls token. linear: frozen encoder, BatchNorm1d(affine=False) + Linear heads (MAE);
-    probe blocks: Linear on [cls, mean] of each raw block output (BEiT). ResNet: global-average features."""
+    """Encoder + one head per pooled feature (names: cls, mean, avg for a ResNet, or block1.. for BEiT's probe)."""
 
     def __init__(self, encoder, dim, num_classes, mode, pool, is_vit, probe="final"):
         super().__init__()
-        self.encoder, self.mode, self.is_vit, self.probe = encoder, mode, is_vit, probe
+        self.encoder, self.mode, self.is_vit = encoder, mode, is_vit
         blocks = mode == "linear" and probe == "blocks" and is_vit   # BEiT's probe: one head per block
         self.names = ["avg"] if not is_vit else [f"block{i + 1}" for i in range(len(encoder.blocks))] if blocks \
             else ["cls", "mean"] if pool == "both" else [pool]
-        if mode == "finetune" and pool == "mean" and is_vit:
-            self.encoder.norm, self.fc_norm = nn.Identity(), nn.LayerNorm(dim, eps=1e-6)   # BEiT use_mean_pooling
+        learned = mode == "finetune" and pool == "mean" and is_vit   # BEiT use_mean_pooling: final norm -> fc_norm
+        self.fc_norm = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=learned)   # probes: a fresh one, frozen
+        if learned:
+            self.encoder.norm = nn.Identity()
         in_dim = 2 * dim if blocks else dim
         self.heads = nn.ModuleDict({n: nn.Linear(in_dim, num_classes) for n in self.names})
         for h in self.heads.values():
@@ -185,34 +176,21 @@ class Classifier(nn.Module):
         outs = self.encoder.forward_blocks(x)                 # per block (B, 1+N, D), raw
         if self.names[0].startswith("block"):   # [cls, mean] of every raw block output
             return {n: torch.cat([t[:, 0], t[:, 1:].mean(1)], -1) for n, t in zip(self.names, outs)}
-        t, feats = outs[-1], {}
-        if "cls" in self.names:
-            feats["cls"] = self.encoder.norm(t[:, 0])
-        if "mean" in self.names:
-            m = t[:, 1:].mean(1)
-            feats["mean"] = self.fc_norm(m) if hasattr(self, "fc_norm") else F.layer_norm(m, m.shape[-1:], eps=1e-6)
-        return feats
-
-    def features(self, x):                                     # (B, F): the pooled features concatenated
-        return torch.cat(list(self.pooled(x).values()), dim=-1)
+        feats = {"cls": self.encoder.norm(outs[-1][:, 0]), "mean": self.fc_norm(outs[-1][:, 1:].mean(1))}
+        return {n: feats[n] for n in self.names}
 
     def forward(self, x):                                      # -> {name: (B, classes) logits}
-        if self.mode == "finetune":
-            return {n: self.heads[n](f) for n, f in self.pooled(x).items()}
-        self.encoder.eval()                                    # frozen: no dropout / drop path / BN updates
-        with torch.no_grad():
+        if self.mode != "finetune":
+            self.encoder.eval()                                # frozen: no dropout / drop path / BN updates
+        with torch.set_grad_enabled(self.mode == "finetune" and torch.is_grad_enabled()):
             feats = self.pooled(x)
         return {n: self.heads[n](f.float()) for n, f in feats.items()}
 
 
 def layer_decay_groups(model, weight_decay, layer_decay):
-    """BEiT layer-wise lr decay: patch embed / cls / positions are layer 0, block i layer i+1, the rest (norms, heads;
-    all of a ResNet) layer L+1; lr scale = layer_decay^(L+1-layer). No weight decay where common.no_decay says so."""
-    L = len(model.encoder.blocks) if model.is_vit else 0
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
+    """BEiT layer-wise lr decay: lr scale layer_decay^(L+1-layer) (layers: docs/finetune.md); common.no_decay rule."""
+    L, groups = len(model.encoder.blocks) if model.is_vit else 0, {}
+    for name, p in ((n, p) for n, p in model.named_parameters() if p.requires_grad):
         n = name.removeprefix("encoder.")
         layer = int(n.split(".")[1]) + 1 if n.startswith("blocks.") else 0 if n.startswith(
             ("cls_token", "pos_embed", "patch_embed")) else L + 1
@@ -223,8 +201,7 @@ def layer_decay_groups(model, weight_decay, layer_decay):
 
 
 def knn_classify(train_f, train_y, test_f, num_classes, k=20, t=0.07, chunk=256):
-    """DINO weighted kNN: cosine similarity of L2-normalised features, the top-k neighbours vote with exp(sim / t).
-    -> class scores (M_test, num_classes)."""
+    """DINO weighted kNN: the top-k cosine neighbours vote with exp(sim / t) -> class scores (M_test, num_classes)."""
     train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
     scores = []
     for q in test_f.split(chunk):
@@ -249,10 +226,9 @@ def build_transforms(cfg, img_size):
     crop = [transforms.RandomResizedCrop(img_size, interpolation=bicubic), transforms.RandomHorizontalFlip()]
     if cfg.mode == "knn":
         return val, val
-    if cfg.mode == "linear":   # MAE linprobe: crop + flip only
-        return transforms.Compose(crop + norm), val
-    erase = [transforms.RandomErasing(cfg.reprob, value="random")] if cfg.reprob else []
-    return transforms.Compose(crop + ([RandAugment(cfg.randaug)] if cfg.randaug else []) + norm + erase), val
+    ra = [RandAugment(cfg.randaug)] if cfg.randaug and cfg.mode == "finetune" else []   # linear: crop + flip (MAE)
+    erase = [transforms.RandomErasing(cfg.reprob, value="random")] if cfg.reprob and cfg.mode == "finetune" else []
+    return transforms.Compose(crop + ra + norm + erase), val
 
 
 def build_data(cfg, img_size):
@@ -288,8 +264,7 @@ def all_gather_cat(t):   # concatenate equal-sized tensors across ranks
 
 @torch.no_grad()
 def extract(fn, loader, device, autocast):
-    """fn(images) -> {name: (B, F)} over the whole split, once per sample: rows are gathered from every rank with their
-    dataset indices and the DistributedSampler's padding repeats dropped (as DINO). -> {name: (M, F)}, (M,) labels"""
+    """fn(images) -> {name: (B, F)} over the split, gathered from all ranks, each sample once -> {name: (M, F)}, (M,)"""
     outs, labels = defaultdict(list), []
     for x, y in loader:
         with autocast():
@@ -365,9 +340,7 @@ def main(cfg):
     print0(f"{protocol} (pool {pools}): lr = {cfg.blr} x {cfg.batch_size} x {world} / 256 = {lr:.2e}, "
            f"{total_steps} steps, out {cfg.out}")
     if cfg.mode == "linear" and cfg.probe == "final":
-        opt = LARS(raw_model.heads.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-        for g in opt.param_groups:
-            g["lr_scale"] = 1.0
+        opt = LARS([{"params": raw_model.heads.parameters(), "lr_scale": 1.0}], lr=lr, weight_decay=cfg.weight_decay)
     else:
         ld = cfg.layer_decay if cfg.mode == "finetune" else 1.0
         opt = torch.optim.AdamW(layer_decay_groups(raw_model, cfg.weight_decay, ld), lr=lr, betas=(0.9, 0.999),
@@ -380,7 +353,7 @@ def main(cfg):
     smooth = cfg.smoothing if cfg.mode == "finetune" else 0.0   # probes: plain cross-entropy (MAE, BEiT)
     start = resume(cfg.out, raw_model, opt, scaler, rank, cfg.seed, settings=settings)
     best = load_checkpoint(os.path.join(cfg.out, "checkpoint.pth")).get("best", 0.0) if start else 0.0
-    progress, skipped = Progress(total_steps, cfg.batch_size * world, cfg.log_every), 0
+    progress = Progress(total_steps, cfg.batch_size * world, cfg.log_every)
     top1 = top5 = 0.0
     for epoch in range(start // steps_per_epoch, cfg.epochs):
         loader.sampler.set_epoch(epoch)
@@ -407,10 +380,8 @@ def main(cfg):
             if cfg.stop_after and it + 1 - start >= cfg.stop_after:
                 break
         stopping = cfg.stop_after and it + 1 - start >= cfg.stop_after and it + 1 < total_steps
-        n_skip = skipped_images(train_set)
-        if n_skip > skipped:
-            print0(f"epoch {epoch}: skipped {n_skip - skipped} unreadable training images ({n_skip} so far)")
-        skipped = n_skip
+        if n_skip := skipped_images(train_set):   # every rank: summed over loader workers and ranks
+            print0(f"epoch {epoch}: {n_skip} unreadable training images skipped so far")
         if not stopping:
             scores, val_y = extract(raw_model.eval(), val_loader, device, autocast)
             res = {n: accuracy(s, val_y) for n, s in scores.items()}
@@ -422,14 +393,12 @@ def main(cfg):
                                "top5": top5, "head": head, "per_head": res, "protocol": protocol, "pool": pools,
                                "skipped": n_skip})
         if rank == 0:
+            state = {"model": raw_model.state_dict(), "epoch": epoch, "settings": settings, "config": vars(cfg)}
             if not stopping and top1 >= best:
                 best = top1
-                save_checkpoint({"model": raw_model.state_dict(), "epoch": epoch, "top1": top1, "settings": settings,
-                                 "config": dataclasses.asdict(cfg)}, os.path.join(cfg.out, "best.pth"))
-            save_checkpoint({"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "step": it + 1,
-                             "scaler": scaler.state_dict(), "epoch": epoch, "rng": rng_state(), "best": best,
-                             "settings": settings, "config": dataclasses.asdict(cfg)},
-                            os.path.join(cfg.out, "checkpoint.pth"))
+                save_checkpoint({**state, "top1": top1}, os.path.join(cfg.out, "best.pth"))
+            save_checkpoint({**state, "optimizer": opt.state_dict(), "step": it + 1, "scaler": scaler.state_dict(),
+                             "rng": rng_state(), "best": best}, os.path.join(cfg.out, "checkpoint.pth"))
         if stopping:
             print0(f"stopping after {cfg.stop_after} steps; run the same command again to resume")
             break
@@ -443,9 +412,15 @@ VIT_SIZES = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6),  # name: (widt
 
 
 def build_encoder(cfg):
-    """-> (encoder, feature width, encoder args incl. "pool"). A ViT gets one relative-bias table per block (BEiT
-    fine-tuning), positions resized to cfg.img_size; a ResNet-50 comes from torchvision without its fc."""
-    if cfg.pretrained and cfg.pretrained != "random":
+    """-> (encoder, width, args incl. "pool"): a ViT (per-block bias tables, positions resized) or a ResNet-50."""
+    if not cfg.pretrained:
+        fail("--pretrained is required: a method checkpoint, or 'random' for a randomly initialised baseline")
+    if cfg.pretrained == "random":
+        D, depth, heads = VIT_SIZES.get(cfg.arch, (0, 0, 0))
+        sd, args = None, {"arch": "resnet50"} if cfg.arch == "resnet50" else dict(
+            arch="vit", img_size=cfg.img_size or 224, patch_size=cfg.patch_size, embed_dim=D, depth=depth,
+            num_heads=heads, pos_embed="sincos", rel_pos="none", init_values=None, pool="mean")
+    else:
         ck = load_checkpoint(cfg.pretrained)
         if "encoders" not in ck or "encoder_args" not in ck:
             fail(f"{cfg.pretrained} has no 'encoders'/'encoder_args': not a checkpoint of this project's method files")
@@ -455,14 +430,6 @@ def build_encoder(cfg):
         args, sd = dict(ck["encoder_args"]), ck["encoders"][name]
         args["pool"] = ck.get("pool", "mean")   # BEiT/ConMIM use_mean_pooling, MAE/CIM global_pool: mean
         print0(f"loading encoder '{name}' ({args['arch']}) from {cfg.pretrained}")
-    elif cfg.pretrained == "random":
-        D, depth, heads = VIT_SIZES.get(cfg.arch, (0, 0, 0))
-        args = {"arch": "resnet50"} if cfg.arch == "resnet50" else dict(
-            arch="vit", img_size=cfg.img_size or 224, patch_size=cfg.patch_size, embed_dim=D, depth=depth,
-            num_heads=heads, pos_embed="sincos", rel_pos="none", init_values=None, pool="mean")
-        sd = None
-    else:
-        fail("--pretrained is required: a method checkpoint, or 'random' for a randomly initialised baseline")
     if args["arch"] == "resnet50":
         enc = torchvision.models.resnet50()
         enc.fc = nn.Identity()
@@ -478,12 +445,12 @@ def build_encoder(cfg):
     enc = VisionTransformer(**kw, drop_path=cfg.drop_path if cfg.mode == "finetune" else 0.0)
     if sd is not None:
         sd = from_timm_layout(sd)
-        if isinstance(enc.pos_embed, nn.Parameter) and "pos_embed" in sd:   # learned: bicubic to the new grid
-            sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], old_grid, enc.grid)
-        elif "pos_embed" in sd:   # fixed sin-cos buffer: recompute for the new grid
-            sd["pos_embed"] = enc.pos_embed
-        for k in [k for k in sd if k.endswith("relative_position_bias_table")]:
-            sd[k] = resize_rel_pos_table(sd[k], old_grid, enc.grid)
+        if "pos_embed" in sd:   # learned: bicubic to the new grid; fixed sin-cos: recomputed for it
+            learned = isinstance(enc.pos_embed, nn.Parameter)
+            sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], old_grid, enc.grid) if learned else enc.pos_embed
+        for k in [k for k in sd if k.endswith("relative_position_bias_table")]:   # offset grid + 3 cls rows kept
+            offsets = [[2 * g - 1 for g in grid] for grid in (old_grid, enc.grid)]   # (2h-1, 2w-1)
+            sd[k] = torch.cat([resize_grid(sd[k][:-3], *offsets), sd[k][-3:]])
         enc.load_state_dict(sd, strict=True)
     return enc, kw["embed_dim"], args
 
@@ -499,23 +466,17 @@ def from_timm_layout(sd):
     return out
 
 
-def resize_rel_pos_table(table, old_grid, new_grid):
-    """BEiT table ((2h-1)(2w-1) + 3, heads) for another grid: bicubic on the offset grid, the 3 cls rows kept."""
-    if tuple(old_grid) == tuple(new_grid):
-        return table
-    nh = table.shape[1]
-    grid = table[:-3].T.reshape(1, nh, 2 * old_grid[0] - 1, 2 * old_grid[1] - 1)
-    grid = F.interpolate(grid, size=(2 * new_grid[0] - 1, 2 * new_grid[1] - 1), mode="bicubic", align_corners=False)
-    return torch.cat([grid.reshape(nh, -1).T, table[-3:]])
+def resize_grid(rows, old, new):
+    """(h*w, C) rows of an h x w grid -> (h'*w', C) for another grid, bicubic (positions, BEiT bias tables)."""
+    if tuple(old) == tuple(new):
+        return rows
+    grid = rows.T.reshape(1, -1, *old).float()                                           # (1, C, h, w)
+    grid = F.interpolate(grid, size=tuple(new), mode="bicubic", align_corners=False)     # (1, C, h', w')
+    return grid.reshape(rows.shape[1], -1).T.to(rows.dtype)
 
 
-def resize_pos_embed(pos_embed, old_grid, new_grid):
-    """(1, 1+gh*gw, D) positions for another grid: bicubic on the patch part, the cls position kept."""
-    if tuple(old_grid) == tuple(new_grid):
-        return pos_embed
-    grid = pos_embed[:, 1:].reshape(1, *old_grid, -1).permute(0, 3, 1, 2)                # (1, D, gh, gw)
-    grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False).to(pos_embed.dtype)
-    return torch.cat([pos_embed[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)         # (1, 1+h*w, D)
+def resize_pos_embed(pos_embed, old_grid, new_grid):   # (1, 1+h*w, D) -> (1, 1+h'*w', D), the cls position kept
+    return torch.cat([pos_embed[:, :1], resize_grid(pos_embed[0, 1:], old_grid, new_grid)[None]], dim=1)
 
 
 def sincos_pos_embed(D, h, w):
@@ -551,10 +512,9 @@ class Attention(nn.Module):
     def forward(self, x):                                              # (B, T, D) -> (B, T, D)
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, h, T, d)
-        bias = None
-        if hasattr(self, "relative_position_index"):
-            bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)[None]  # (1,h,T,T)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
+        bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)[None].to(q.dtype) \
+            if hasattr(self, "relative_position_index") else None                                      # (1, h, T, T)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
 
@@ -576,8 +536,7 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT encoder in timm key layout, every layout the method files export: pos_embed "learned" | "sincos" (fixed
-    buffer) | "none"; rel_pos True: a BEiT bias table per block. forward(images) -> (B, 1+N, D) normed tokens."""
+    """ViT in timm key layout; pos_embed "learned" | "sincos" (fixed) | "none"; rel_pos: a BEiT bias table per block."""
 
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
                  qkv_bias=True, pos_embed="learned", rel_pos=False, init_values=None, drop_path=0.0, in_chans=3):
@@ -608,10 +567,7 @@ class VisionTransformer(nn.Module):
         if self.pos_embed is not None:
             x = x + resize_pos_embed(self.pos_embed, self.grid, (images.shape[-2] // self.patch_size,
                                                                  images.shape[-1] // self.patch_size))
-        outs = []
-        for blk in self.blocks:
-            outs.append(x := blk(x))
-        return outs
+        return [x := blk(x) for blk in self.blocks]
 
     def forward(self, images):                                         # (B, C, H, W) -> (B, 1+N, D)
         return self.norm(self.forward_blocks(images)[-1])

@@ -13,7 +13,7 @@ from PIL import Image
 from common import save_checkpoint
 from conftest import ROOT
 from finetune import (LARS, RA_OPS, Classifier, VisionTransformer, from_timm_layout, knn_classify, layer_decay_groups,
-                      rel_pos_index, resize_rel_pos_table, sincos_pos_embed)
+                      rel_pos_index, resize_grid, resize_pos_embed, sincos_pos_embed)
 
 ARGS = dict(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=3)
 
@@ -200,11 +200,13 @@ def test_layer_decay_scales():
     assert scale[id(enc.blocks[2].attn.qkv.weight)] == 0.5 and scale[id(enc.norm.weight)] == 1.0
 
 
-def test_rel_pos_table_resize_keeps_cls_rows():
-    t = torch.randn(7 * 7 + 3, 2)
-    r = resize_rel_pos_table(t, (4, 4), (6, 6))
-    assert r.shape == (11 * 11 + 3, 2) and torch.equal(r[-3:], t[-3:])
-    assert torch.equal(resize_rel_pos_table(t, (4, 4), (4, 4)), t)
+def test_grid_resize_keeps_cls_position():
+    t = torch.randn(7 * 7, 2)
+    assert resize_grid(t, (7, 7), (11, 11)).shape == (11 * 11, 2) and torch.equal(resize_grid(t, (7, 7), (7, 7)), t)
+    pe = torch.randn(1, 1 + 4 * 4, 8)
+    r = resize_pos_embed(pe, (4, 4), (6, 6))
+    assert r.shape == (1, 1 + 6 * 6, 8) and torch.equal(r[:, 0], pe[:, 0])
+    assert torch.equal(resize_pos_embed(pe, (4, 4), (4, 4)), pe)
 
 
 @pytest.mark.parametrize("pos_embed", ["learned", "sincos"])
