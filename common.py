@@ -3,6 +3,7 @@ import argparse
 import atexit
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import inspect
 import json
@@ -17,15 +18,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import datasets
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def fail(msg):
-    """One clear line on stderr and exit code 1: for every bad input, before work is lost."""
-    raise SystemExit(f"error: {msg}")
+    raise SystemExit(f"error: {msg}")   # one line on stderr, exit code 1
 
 
 def parse_config(cls, argv=None, defaults=None):
@@ -56,6 +56,7 @@ def setup_dist(device="cuda"):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())   # clean exit of every rank
     return rank, world, device
 
 
@@ -65,7 +66,9 @@ def print0(*args, **kwargs):
 
 
 def seed_all(seed):
-    random.seed(seed), np.random.seed(seed % 2**32), torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def rng_state():
@@ -77,7 +80,6 @@ def rng_state():
 
 
 def accum_steps(global_batch, batch_size, world, accum_iter=1):
-    """Micro-batches per optimizer step: global_batch / (batch_size x world) if set, else accum_iter."""
     if global_batch and global_batch % (batch_size * world):
         fail(f"--global-batch {global_batch} is not a multiple of --batch-size {batch_size} x {world} processes")
     if accum_iter < 1:
@@ -86,7 +88,6 @@ def accum_steps(global_batch, batch_size, world, accum_iter=1):
 
 
 def batch_warning(global_batch, paper_batch, steps_per_epoch):
-    """Warn when the global batch is > 2x away from the recipe's: per-step schedules (EMA, lr) then change."""
     if paper_batch and not 0.5 <= global_batch / paper_batch <= 2:
         r = paper_batch / global_batch
         print0(f"warning: global batch {global_batch} vs the recipe's {paper_batch}: {steps_per_epoch} steps/epoch, so "
@@ -94,7 +95,6 @@ def batch_warning(global_batch, paper_batch, steps_per_epoch):
 
 
 def reduce_mean(t):
-    """A 0-d tensor's mean over ranks, as a float (one all-reduce; NCCL gets a GPU copy)."""
     t = t.detach().float().clone()
     if dist.is_initialized():
         t = t.cuda() if dist.get_backend() == "nccl" else t
@@ -122,40 +122,38 @@ def no_decay(name, p):
 
 
 def param_groups(model, weight_decay, skip_decay=no_decay):
-    """Two AdamW groups; `skip_decay(name, param) -> bool` picks the no-decay ones (a method may pass its own rule)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [{"params": [p for n, p in named if not skip_decay(n, p)], "weight_decay": weight_decay},
             {"params": [p for n, p in named if skip_decay(n, p)], "weight_decay": 0.0}]
 
 
+_held_locks = {}   # --out path -> its open run.lock, flock-ed until this process ends
+
+
 def prepare_out(out, cfg, script):
-    """Rank 0: create --out, lock it while this run lives (out/run.lock), save config.json and the script."""
-    lock, me = os.path.join(out, "run.lock"), f"{os.uname().nodename} {os.getpid()}"
-    held = open(lock).read() if os.path.exists(lock) else ""
-    if int(os.environ.get("RANK", 0)) or held == me:
+    """Rank 0: create --out, lock it for this process's life, save config.json and a copy of the script."""
+    if int(os.environ.get("RANK", 0)) or os.path.realpath(out) in _held_locks:
         return
     os.makedirs(out, exist_ok=True)
-    host, _, pid = held.partition(" ")
-    if held and host == os.uname().nodename and not os.path.exists(f"/proc/{pid}"):
-        os.remove(lock)   # stale: its process is dead
-    try:
-        with open(lock, "x") as f:   # exclusive create: of two runs starting at once, one wins
-            f.write(me)
-    except FileExistsError:
-        fail(f"--out {out} is in use by pid {pid or '?'} on {host or '?'}; pass another --out, or delete {lock}")
-    atexit.register(lambda: os.path.exists(lock) and open(lock).read() == me and os.remove(lock))
+    lock = open(os.path.join(out, "run.lock"), "a")
+    try:   # the kernel drops the lock when the process ends, however it ends: no stale lock
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fail(f"--out {out} is in use by another running process; pass another --out")
+    except OSError as e:   # a file system without flock (e.g. Lustre mounted without it): run unlocked
+        print0(f"warning: cannot lock --out {out} ({e.strerror}): make sure no other run writes there")
+    _held_locks[os.path.realpath(out)] = lock
     shutil.copy(script, os.path.join(out, os.path.basename(script)))
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
 
 
 def save_checkpoint(state, path):
-    """Atomic and durable: write a temp file, fsync it, rename; a crash never leaves a broken checkpoint."""
     with open(path + ".tmp", "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    os.replace(path + ".tmp", path)   # atomic: a crash never leaves a broken checkpoint
 
 
 def load_checkpoint(path):
@@ -168,13 +166,11 @@ def load_checkpoint(path):
 
 
 def file_hash(path):
-    """First 12 hex digits of the file's SHA-256: names a pre-trained checkpoint in the run settings."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()[:12]
 
 
 def run_settings(cfg, script, keys=("arch", "epochs"), **extra):
-    """Values that define a run (checkpoint "settings", checked by resume); `extra` adds derived ones."""
     return {"script": os.path.basename(script), **{k: getattr(cfg, k) for k in keys}, **extra}
 
 
@@ -189,12 +185,14 @@ def resume(out, raw_model, opt, scaler, rank=0, seed=0, settings=None):
     if diff:
         fail(f"--out {out} holds a different run ({', '.join(diff)}); pass a new --out, or the old values to resume")
     try:
-        raw_model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"])
+        raw_model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         fail(f"--out {out} holds another model's checkpoint ({str(e).splitlines()[0][:100]}); pass a new --out")
     scaler.load_state_dict(ck["scaler"])
     s = ck["rng"]   # rank 0's RNG streams
-    torch.set_rng_state(s["torch"]), random.setstate(s["python"])
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
     np.random.set_state((s["numpy"][0], s["numpy"][1].numpy().astype(np.uint32), *s["numpy"][2:]))
     if s["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -247,21 +245,18 @@ def skipped_images(dataset):
     return round(reduce_mean(dataset.skipped[0]) * (dist.get_world_size() if dist.is_initialized() else 1))
 
 
-class SyntheticImages(Dataset):
+class SyntheticImages(datasets.FakeData):
     """Deterministic random images (smoke tests, speed runs): sample i is always the same blobs + noise picture."""
 
     def __init__(self, n, img_size, transform, num_classes=10):
-        self.n, self.size, self.transform, self.classes = n, img_size, transform, [str(i) for i in range(num_classes)]
-        self.skipped = torch.zeros(1, dtype=torch.int64)
-
-    def __len__(self):
-        return self.n
+        super().__init__(n, (3, img_size, img_size), num_classes, transform)
+        self.classes, self.skipped = [str(i) for i in range(num_classes)], torch.zeros(1, dtype=torch.int64)
 
     def __getitem__(self, idx):
-        g, s = torch.Generator().manual_seed(idx), self.size
+        g, s = torch.Generator().manual_seed(idx), self.image_size[-1]
         low = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=(s, s), mode="bilinear")[0]
         img = (0.8 * low + 0.2 * torch.rand(3, s, s, generator=g)).permute(1, 2, 0).numpy()
-        return self.transform(Image.fromarray((img * 255).astype(np.uint8))), idx % len(self.classes)
+        return self.transform(Image.fromarray((img * 255).astype(np.uint8))), idx % self.num_classes
 
 
 def build_dataset(data, split, transform, img_size=224, synthetic_size=512):

@@ -180,6 +180,25 @@ def test_checkpoint_fsync_hash_and_out_lock(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
     save_checkpoint({"a": torch.ones(2)}, str(tmp_path / "ck.pth"))
     assert synced and not (tmp_path / "ck.pth.tmp").exists() and len(file_hash(tmp_path / "ck.pth")) == 12
-    prepare_out(str(tmp_path / "o"), Cfg(), __file__)
-    prepare_out(str(tmp_path / "o"), Cfg(), __file__)   # the same process may prepare its --out again
-    assert (tmp_path / "o" / "run.lock").read_text().endswith(f" {os.getpid()}")
+    out, other = str(tmp_path / "o"), str(tmp_path / "other")
+    prepare_out(out, Cfg(), __file__)
+    prepare_out(out, Cfg(), __file__)   # the same process may prepare its --out again
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["arch"] == "vit_base"
+
+    def hold(path):   # another process that locks `path` and waits for stdin
+        code = ("import dataclasses, sys; from common import prepare_out; "
+                f"prepare_out({path!r}, dataclasses.make_dataclass('C', [])(), {__file__!r}); "
+                "print('held', flush=True); sys.stdin.read()")
+        return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    p = hold(out)   # a second run into our --out stops with one line
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 1 and err == f"error: --out {out} is in use by another running process; pass another --out\n"
+    p = hold(other)
+    assert p.stdout.readline() == "held\n"
+    with pytest.raises(SystemExit, match="is in use"):
+        prepare_out(other, Cfg(), __file__)
+    p.kill()   # its lock dies with it: no stale lock to delete by hand
+    p.wait()
+    prepare_out(other, Cfg(), __file__)
