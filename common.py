@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import datasets
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+_held_locks = {}   # --out path -> its open run.lock, flock-ed until this process ends
 
 
 def fail(msg):
@@ -125,9 +126,6 @@ def param_groups(model, weight_decay, skip_decay=no_decay):
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [{"params": [p for n, p in named if not skip_decay(n, p)], "weight_decay": weight_decay},
             {"params": [p for n, p in named if skip_decay(n, p)], "weight_decay": 0.0}]
-
-
-_held_locks = {}   # --out path -> its open run.lock, flock-ed until this process ends
 
 
 def prepare_out(out, cfg, script):
