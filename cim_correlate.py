@@ -693,5 +693,3 @@ def validate(cfg):
 
 if __name__ == "__main__":
     main(parse_config(Config))
-    if torch.distributed.is_initialized():   # clean exit: no collective threads left at interpreter shutdown
-        torch.distributed.destroy_process_group()
