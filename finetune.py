@@ -11,7 +11,6 @@ ImageNet numbers: not measured. Sections: config | protocols | data | train, eva
 """
 import dataclasses
 import os
-import re
 from collections import OrderedDict, defaultdict
 from itertools import islice
 
@@ -83,17 +82,16 @@ class Config:
 
 
 FILL = tuple(round(255 * c) for c in IMAGENET_MEAN)   # geometric ops fill with the ImageNet mean pixel (124, 116, 104)
-BICUBIC = Image.Resampling.BICUBIC
 
 
 def _affine(img, *matrix):
-    return img.transform(img.size, Image.Transform.AFFINE, matrix, BICUBIC, fillcolor=FILL)
+    return img.transform(img.size, Image.AFFINE, matrix, Image.BICUBIC, fillcolor=FILL)
 
 
 RA_OPS = {   # timm's 15 "increasing" ops: name -> (level m of 10 -> argument, random sign?, op(img, argument))
     **{k: (None, False, lambda img, v, op=getattr(ImageOps, k.lower()): op(img))   # no argument
        for k in ("AutoContrast", "Equalize", "Invert")},
-    "Rotate": (lambda m: 30 * m / 10, True, lambda img, v: img.rotate(v, BICUBIC, fillcolor=FILL)),   # degrees
+    "Rotate": (lambda m: 30 * m / 10, True, lambda img, v: img.rotate(v, Image.BICUBIC, fillcolor=FILL)),   # degrees
     "PosterizeIncreasing": (lambda m: 4 - int(4 * m / 10), False,   # bits kept; 0 (m 10) = black, as old Pillow
                             lambda img, v: ImageOps.posterize(img, v) if v else Image.new(img.mode, img.size)),
     "SolarizeIncreasing": (lambda m: 256 - int(256 * m / 10), False, lambda img, v: ImageOps.solarize(img, v)),
@@ -167,8 +165,7 @@ class Classifier(nn.Module):
         if mode == "linear" and probe == "final":
             self.heads = nn.ModuleDict({n: nn.Sequential(nn.BatchNorm1d(in_dim, affine=False, eps=1e-6), h)
                                         for n, h in self.heads.items()})
-        if mode != "finetune":
-            self.encoder.requires_grad_(False)
+        self.encoder.requires_grad_(mode == "finetune")
 
     def pooled(self, x):                                       # (B, C, H, W) -> {name: (B, F)}
         if not self.is_vit:
@@ -205,9 +202,8 @@ def knn_classify(train_f, train_y, test_f, num_classes, k=20, t=0.07, chunk=256)
     train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
     scores = []
     for q in test_f.split(chunk):
-        sim, idx = (q @ train_f.T).topk(min(k, len(train_f)), dim=1)          # (m, k)
-        votes = F.one_hot(train_y[idx], num_classes).float()                  # (m, k, C)
-        scores.append((votes * (sim / t).exp()[..., None]).sum(1))            # (m, C)
+        sim, idx = (q @ train_f.T).topk(min(k, len(train_f)), dim=1)                          # (m, k)
+        scores.append(sim.new_zeros(len(q), num_classes).scatter_add_(1, train_y[idx], (sim / t).exp()))  # (m, C)
     return torch.cat(scores)
 
 
@@ -223,12 +219,11 @@ def build_transforms(cfg, img_size):
     bicubic = transforms.InterpolationMode.BICUBIC
     val = transforms.Compose([transforms.Resize(int(img_size / 0.875), interpolation=bicubic),
                               transforms.CenterCrop(img_size), *norm])   # 256 -> 224 (MAE, DINO, BEiT)
-    crop = [transforms.RandomResizedCrop(img_size, interpolation=bicubic), transforms.RandomHorizontalFlip()]
-    if cfg.mode == "knn":
-        return val, val
-    ra = [RandAugment(cfg.randaug)] if cfg.randaug and cfg.mode == "finetune" else []   # linear: crop + flip (MAE)
-    erase = [transforms.RandomErasing(cfg.reprob, value="random")] if cfg.reprob and cfg.mode == "finetune" else []
-    return transforms.Compose(crop + ra + norm + erase), val
+    ft = cfg.mode == "finetune"   # linear: crop + flip only (MAE); knn: the val transform for both
+    train = [transforms.RandomResizedCrop(img_size, interpolation=bicubic), transforms.RandomHorizontalFlip(),
+             *([RandAugment(cfg.randaug)] if cfg.randaug and ft else []), *norm,
+             *([transforms.RandomErasing(cfg.reprob, value="random")] if cfg.reprob and ft else [])]
+    return (val if cfg.mode == "knn" else transforms.Compose(train)), val
 
 
 def build_data(cfg, img_size):
@@ -278,10 +273,8 @@ def extract(fn, loader, device, autocast):
 
 
 def check(cfg, args):
-    """Every bad combination: one error line before any work."""
-    is_vit = args["arch"] == "vit"
     for bad, msg in [(cfg.mode == "finetune" and cfg.pool == "both", "--pool both is for --mode linear / knn"),
-                     (cfg.probe == "blocks" and (cfg.mode != "linear" or not is_vit),
+                     (cfg.probe == "blocks" and (cfg.mode != "linear" or args["arch"] != "vit"),
                       "--probe blocks is for --mode linear on a ViT"),
                      (cfg.warmup_epochs > 0 and cfg.mode != "knn" and cfg.warmup_epochs >= cfg.epochs,
                       f"--warmup-epochs {cfg.warmup_epochs} >= --epochs {cfg.epochs}: the lr never reaches its peak"),
@@ -339,12 +332,9 @@ def main(cfg):
     lr = cfg.blr * cfg.batch_size * world / 256
     print0(f"{protocol} (pool {pools}): lr = {cfg.blr} x {cfg.batch_size} x {world} / 256 = {lr:.2e}, "
            f"{total_steps} steps, out {cfg.out}")
-    if cfg.mode == "linear" and cfg.probe == "final":
-        opt = LARS([{"params": raw_model.heads.parameters(), "lr_scale": 1.0}], lr=lr, weight_decay=cfg.weight_decay)
-    else:
-        ld = cfg.layer_decay if cfg.mode == "finetune" else 1.0
-        opt = torch.optim.AdamW(layer_decay_groups(raw_model, cfg.weight_decay, ld), lr=lr, betas=(0.9, 0.999),
-                                fused=device.type == "cuda")
+    groups = layer_decay_groups(raw_model, cfg.weight_decay, cfg.layer_decay if cfg.mode == "finetune" else 1.0)
+    opt = LARS(groups, lr=lr) if cfg.mode == "linear" and cfg.probe == "final" else torch.optim.AdamW(
+        groups, lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     lr_sched = cosine_schedule(lr, cfg.min_lr, total_steps, cfg.warmup_epochs * steps_per_epoch)
     mixers = [m(alpha=a, num_classes=num_classes) for m, a in ((v2.MixUp, cfg.mixup), (v2.CutMix, cfg.cutmix))
@@ -366,9 +356,8 @@ def main(cfg):
                 g["lr"] = lr_sched[it] * g["lr_scale"]
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             x, target = mix(x, y) if mix is not None else (x, F.one_hot(y, num_classes).float())
-            target = target * (1 - smooth) + smooth / num_classes   # label smoothing (fine-tuning only)
-            with autocast():
-                loss = sum(F.cross_entropy(out.float(), target) for out in model(x).values())   # one per head
+            with autocast():   # one loss per head, summed
+                loss = sum(F.cross_entropy(out.float(), target, label_smoothing=smooth) for out in model(x).values())
             finite &= torch.isfinite(loss)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -385,8 +374,7 @@ def main(cfg):
         if not stopping:
             scores, val_y = extract(raw_model.eval(), val_loader, device, autocast)
             res = {n: accuracy(s, val_y) for n, s in scores.items()}
-            head = max(res, key=lambda n: res[n][0])
-            top1, top5 = res[head]
+            head, (top1, top5) = max(res.items(), key=lambda kv: kv[1][0])
             print0(f"epoch {epoch}: " + ", ".join(f"{n} {r[0]:.2f}/{r[1]:.2f}" for n, r in res.items())
                    + f" val top-1/top-5 ({protocol}) | best {max(best, top1):.2f}")
             log_json(cfg.out, {"epoch": epoch, "step": it + 1, "loss": vals["loss"] if vals else None, "top1": top1,
@@ -462,7 +450,7 @@ def from_timm_layout(sd):
         if k.endswith("attn.q_bias"):
             out[k[:-6] + "qkv.bias"] = torch.cat([v, torch.zeros_like(v), sd[k[:-6] + "v_bias"]])
         elif not k.endswith("attn.v_bias"):
-            out[re.sub(r"gamma_(\d)$", r"ls\1.gamma", k)] = v
+            out[k.replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma")] = v
     return out
 
 
@@ -542,8 +530,7 @@ class VisionTransformer(nn.Module):
                  qkv_bias=True, pos_embed="learned", rel_pos=False, init_values=None, drop_path=0.0, in_chans=3):
         super().__init__()
         self.patch_size, self.grid = patch_size, (img_size // patch_size,) * 2
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
+        self.patch_embed = nn.ModuleDict({"proj": nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)})
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         if pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], embed_dim))
@@ -562,11 +549,9 @@ class VisionTransformer(nn.Module):
         nn.init.normal_(self.cls_token, std=0.02)
 
     def forward_blocks(self, images):                                  # (B, C, H, W) -> depth x (B, 1+N, D), raw
-        x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)    # (B, N, D)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        if self.pos_embed is not None:
-            x = x + resize_pos_embed(self.pos_embed, self.grid, (images.shape[-2] // self.patch_size,
-                                                                 images.shape[-1] // self.patch_size))
+        x = self.patch_embed.proj(images)                              # (B, D, h, w)
+        pos = 0 if self.pos_embed is None else resize_pos_embed(self.pos_embed, self.grid, x.shape[-2:])
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x.flatten(2).transpose(1, 2)], dim=1) + pos
         return [x := blk(x) for blk in self.blocks]
 
     def forward(self, images):                                         # (B, C, H, W) -> (B, 1+N, D)
