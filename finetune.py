@@ -158,10 +158,10 @@ class Classifier(nn.Module):
             self.encoder.norm = nn.Identity()
         in_dim = 2 * dim if blocks else dim
         self.heads = nn.ModuleDict({n: nn.Linear(in_dim, num_classes) for n in self.names})
-        for h in self.heads.values():
-            nn.init.trunc_normal_(h.weight, std=0.01 if mode == "linear" else 0.02)   # MAE linprobe / BEiT
+        for h in self.heads.values():   # std: MAE linprobe 0.01, BEiT 0.02 x head_init_scale 0.001
+            nn.init.trunc_normal_(h.weight.data, std=0.01 if mode == "linear" else 0.02).mul_(
+                0.001 if mode == "finetune" else 1.0)
             nn.init.zeros_(h.bias)
-            h.weight.data.mul_(0.001 if mode == "finetune" else 1.0)   # BEiT head_init_scale
         if mode == "linear" and probe == "final":
             self.heads = nn.ModuleDict({n: nn.Sequential(nn.BatchNorm1d(in_dim, affine=False, eps=1e-6), h)
                                         for n, h in self.heads.items()})
@@ -187,8 +187,7 @@ class Classifier(nn.Module):
 def layer_decay_groups(model, weight_decay, layer_decay):
     """BEiT layer-wise lr decay: lr scale layer_decay^(L+1-layer) (layers: docs/finetune.md); common.no_decay rule."""
     L, groups = len(model.encoder.blocks) if model.is_vit else 0, {}
-    for name, p in ((n, p) for n, p in model.named_parameters() if p.requires_grad):
-        n = name.removeprefix("encoder.")
+    for n, p in ((n.removeprefix("encoder."), p) for n, p in model.named_parameters() if p.requires_grad):
         layer = int(n.split(".")[1]) + 1 if n.startswith("blocks.") else 0 if n.startswith(
             ("cls_token", "pos_embed", "patch_embed")) else L + 1
         wd = 0.0 if no_decay(n, p) else weight_decay
@@ -199,9 +198,8 @@ def layer_decay_groups(model, weight_decay, layer_decay):
 
 def knn_classify(train_f, train_y, test_f, num_classes, k=20, t=0.07, chunk=256):
     """DINO weighted kNN: the top-k cosine neighbours vote with exp(sim / t) -> class scores (M_test, num_classes)."""
-    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
-    scores = []
-    for q in test_f.split(chunk):
+    train_f, scores = F.normalize(train_f, dim=1), []
+    for q in F.normalize(test_f, dim=1).split(chunk):
         sim, idx = (q @ train_f.T).topk(min(k, len(train_f)), dim=1)                          # (m, k)
         scores.append(sim.new_zeros(len(q), num_classes).scatter_add_(1, train_y[idx], (sim / t).exp()))  # (m, C)
     return torch.cat(scores)
@@ -272,28 +270,23 @@ def extract(fn, loader, device, autocast):
     return {n: all_gather_cat(torch.cat(v))[first] for n, v in outs.items()}, all_gather_cat(torch.cat(labels))[first]
 
 
-def check(cfg, args):
+def main(cfg):
+    seed_all(cfg.seed)   # the same random encoder / head init on every rank
+    encoder, dim, args = build_encoder(cfg)
+    cfg = dataclasses.replace(cfg, pool=cfg.pool or args["pool"], out=cfg.out or f"out/finetune_{cfg.mode}")
     for bad, msg in [(cfg.mode == "finetune" and cfg.pool == "both", "--pool both is for --mode linear / knn"),
                      (cfg.probe == "blocks" and (cfg.mode != "linear" or args["arch"] != "vit"),
                       "--probe blocks is for --mode linear on a ViT"),
                      (cfg.warmup_epochs > 0 and cfg.mode != "knn" and cfg.warmup_epochs >= cfg.epochs,
                       f"--warmup-epochs {cfg.warmup_epochs} >= --epochs {cfg.epochs}: the lr never reaches its peak"),
                      (min(cfg.epochs, cfg.batch_size, cfg.log_every) < 1, "--epochs, --batch-size, --log-every >= 1")]:
-        if bad:
+        if bad:   # every bad combination: one error line before any work
             fail(msg)
-
-
-def main(cfg):
-    seed_all(cfg.seed)   # the same random encoder / head init on every rank
-    encoder, dim, args = build_encoder(cfg)
-    cfg = dataclasses.replace(cfg, pool=cfg.pool or args["pool"], out=cfg.out or f"out/finetune_{cfg.mode}")
-    check(cfg, args)
     rank, world, device = setup_dist(cfg.device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if device.type == "cuda" else None
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    img_size = cfg.img_size or args.get("img_size", 224)
-    train_set, val_set = build_data(cfg, img_size)
+    train_set, val_set = build_data(cfg, cfg.img_size or args.get("img_size", 224))
     num_classes = len(train_set.classes)
     loader = build_loader(train_set, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device, cfg.mode != "knn")
     val_loader = build_loader(val_set, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device, shuffle=False)
@@ -458,8 +451,7 @@ def resize_grid(rows, old, new):
     """(h*w, C) rows of an h x w grid -> (h'*w', C) for another grid, bicubic (positions, BEiT bias tables)."""
     if tuple(old) == tuple(new):
         return rows
-    grid = rows.T.reshape(1, -1, *old).float()                                           # (1, C, h, w)
-    grid = F.interpolate(grid, size=tuple(new), mode="bicubic", align_corners=False)     # (1, C, h', w')
+    grid = F.interpolate(rows.T.reshape(1, -1, *old).float(), size=tuple(new), mode="bicubic", align_corners=False)
     return grid.reshape(rows.shape[1], -1).T.to(rows.dtype)
 
 
@@ -471,8 +463,7 @@ def sincos_pos_embed(D, h, w):
     """Fixed 2-D sin-cos positions (MAE): half the channels encode the column, half the row -> (h*w, D)."""
     omega = 1.0 / 10000 ** (torch.arange(D // 4, dtype=torch.float64) / (D // 4))       # (D/4,)
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
-    out = [f(c.flatten()[:, None] * omega) for c in (xs, ys) for f in (torch.sin, torch.cos)]  # 4 x (h*w, D/4)
-    return torch.cat(out, dim=1).float()                                               # (h*w, D)
+    return torch.cat([f(c.flatten()[:, None] * omega) for c in (xs, ys) for f in (torch.sin, torch.cos)], 1).float()
 
 
 def rel_pos_index(h, w):
@@ -492,10 +483,9 @@ class Attention(nn.Module):
     def __init__(self, dim, num_heads, qkv_bias=True, grid=None):
         super().__init__()
         self.num_heads, self.qkv, self.proj = num_heads, nn.Linear(dim, dim * 3, bias=qkv_bias), nn.Linear(dim, dim)
-        if grid:
-            self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * grid[0] - 1) * (2 * grid[1] - 1) + 3,
-                                                                         num_heads))
-            self.register_buffer("relative_position_index", rel_pos_index(*grid), persistent=False)
+        if grid:   # (2h-1)(2w-1) + 3 rows, one column per head
+            self.register_buffer("relative_position_index", idx := rel_pos_index(*grid), persistent=False)
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(idx.max() + 1, num_heads))
 
     def forward(self, x):                                              # (B, T, D) -> (B, T, D)
         B, T, D = x.shape
