@@ -12,6 +12,7 @@ ImageNet numbers: not measured. Sections: config | protocols | data | train, eva
 import dataclasses
 import os
 from collections import OrderedDict, defaultdict
+from functools import partial
 from itertools import islice
 
 import torch
@@ -107,21 +108,16 @@ RA_OPS = {   # timm's 15 "increasing" ops: name -> (level m of 10 -> argument, r
 }
 
 
-class RandAugment:
+def rand_augment(img, m=9, n=2, std=0.5):
     """timm `rand-m{m}-mstd0.5-inc1`: n ops, each with prob. 0.5 at magnitude ~ N(m, std) in [0, 10] (torch RNG)."""
-
-    def __init__(self, m=9, n=2, std=0.5):
-        self.m, self.n, self.std, self.names = m, n, std, list(RA_OPS)
-
-    def __call__(self, img):
-        for i in torch.randint(len(self.names), (self.n,)).tolist():
-            level_fn, signed, op = RA_OPS[self.names[i]]
-            if torch.rand(()) < 0.5:
-                continue
-            m = float(torch.clamp(self.m + self.std * torch.randn(()), 0, 10))
-            v = level_fn(m) if level_fn else None
-            img = op(img, -v if signed and torch.rand(()) < 0.5 else v)
-        return img
+    for i in torch.randint(len(RA_OPS), (n,)).tolist():
+        level_fn, signed, op = list(RA_OPS.values())[i]
+        if torch.rand(()) < 0.5:
+            continue
+        level = float(torch.clamp(m + std * torch.randn(()), 0, 10))
+        v = level_fn(level) if level_fn else None
+        img = op(img, -v if signed and torch.rand(()) < 0.5 else v)
+    return img
 
 
 class LARS(torch.optim.Optimizer):
@@ -219,7 +215,7 @@ def build_transforms(cfg, img_size):
                               transforms.CenterCrop(img_size), *norm])   # 256 -> 224 (MAE, DINO, BEiT)
     ft = cfg.mode == "finetune"   # linear: crop + flip only (MAE); knn: the val transform for both
     train = [transforms.RandomResizedCrop(img_size, interpolation=bicubic), transforms.RandomHorizontalFlip(),
-             *([RandAugment(cfg.randaug)] if cfg.randaug and ft else []), *norm,
+             *([partial(rand_augment, m=cfg.randaug)] if cfg.randaug and ft else []), *norm,
              *([transforms.RandomErasing(cfg.reprob, value="random")] if cfg.reprob and ft else [])]
     return (val if cfg.mode == "knn" else transforms.Compose(train)), val
 
