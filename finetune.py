@@ -66,11 +66,11 @@ class Config:
     stop_after: int = 0           # exit after this many steps of this run, leaving a resumable checkpoint; 0 = off
     log_every: int = 50           # progress line every N steps
     out: str = ""                 # "" = out/finetune_<mode>; an existing checkpoint.pth of the same run is resumed
+    compile: bool = False         # torch.compile the classifier (--mode finetune only)
     seed: int = 0
 
-    CHOICES = {"mode": ("finetune", "linear", "knn"), "pool": ("", "cls", "mean", "both"),
-               "probe": ("final", "blocks"), "amp": ("bf16", "fp16", "off"),
-               "arch": ("vit_tiny", "vit_small", "vit_base", "vit_large", "resnet50")}
+    CHOICES = {"mode": ("finetune", "linear", "knn"), "pool": ("", "cls", "mean", "both"), "probe": ("final", "blocks"),
+               "amp": ("bf16", "fp16", "off"), "arch": ("vit_tiny", "vit_small", "vit_base", "vit_large", "resnet50")}
     MODE_DEFAULTS = {"linear": dict(epochs=90, batch_size=512, blr=0.1, min_lr=0.0, warmup_epochs=10, weight_decay=0.0)}
     PRESETS = {"tiny": dict(device="cpu", workers=0, batch_size=8, img_size=32, warmup_epochs=0, log_every=1,
                             arch="vit_tiny", patch_size=4, epochs=1, blr=1e-3),
@@ -275,6 +275,7 @@ def main(cfg):
                       "--probe blocks is for --mode linear on a ViT"),
                      (cfg.warmup_epochs > 0 and cfg.mode != "knn" and cfg.warmup_epochs >= cfg.epochs,
                       f"--warmup-epochs {cfg.warmup_epochs} >= --epochs {cfg.epochs}: the lr never reaches its peak"),
+                     (cfg.compile and cfg.mode != "finetune", "--compile is for --mode finetune"),
                      (min(cfg.epochs, cfg.batch_size, cfg.log_every) < 1, "--epochs, --batch-size, --log-every >= 1")]:
         if bad:   # every bad combination: one error line before any work
             fail(msg)
@@ -314,8 +315,9 @@ def main(cfg):
                            "skipped": skipped_images(train_set) + skipped_images(val_set)})
         return {"top1": top1, "top5": top5, "per_pool": res}
 
-    model = raw_model if world == 1 else nn.parallel.DistributedDataParallel(
-        raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = torch.compile(raw_model) if cfg.compile else raw_model   # nanoGPT's order: compile, then DDP
+    model = model if world == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
     steps_per_epoch = min(len(loader), cfg.steps_per_epoch or len(loader))
     total_steps = cfg.epochs * steps_per_epoch
     lr = cfg.blr * cfg.batch_size * world / 256
@@ -434,13 +436,10 @@ def build_encoder(cfg):
 
 def from_timm_layout(sd):
     """timm vit_* / beit_* keys -> ours: q_bias, v_bias -> qkv.bias (zero k bias), gamma_i -> ls{i}.gamma."""
-    out = {}
-    for k, v in sd.items():
-        if k.endswith("attn.q_bias"):
-            out[k[:-6] + "qkv.bias"] = torch.cat([v, torch.zeros_like(v), sd[k[:-6] + "v_bias"]])
-        elif not k.endswith("attn.v_bias"):
-            out[k.replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma")] = v
-    return out
+    out = {k.replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma"): v for k, v in sd.items()
+           if not k.endswith(("attn.q_bias", "attn.v_bias"))}
+    return {**out, **{k[:-6] + "qkv.bias": torch.cat([v, torch.zeros_like(v), sd[k[:-6] + "v_bias"]])
+                      for k, v in sd.items() if k.endswith("attn.q_bias")}}
 
 
 def resize_grid(rows, old, new):

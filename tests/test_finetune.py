@@ -124,6 +124,8 @@ def test_rerun_guards(tmp_path):
     assert run("--pretrained", a, *out).returncode == 0
     r = run("--pretrained", a, "--epochs", "2", "--warmup-epochs", "2", "--out", str(tmp_path / "w"))
     assert r.returncode == 1 and "never reaches its peak" in r.stderr
+    r = run("--pretrained", a, "--mode", "knn", "--compile", "--out", str(tmp_path / "c"))
+    assert r.returncode == 1 and "--compile is for --mode finetune" in r.stderr
 
 
 def test_val_classes_must_match_train(tmp_path):
