@@ -480,7 +480,7 @@ class Attention(nn.Module):
         self.num_heads, self.qkv, self.proj = num_heads, nn.Linear(dim, dim * 3, bias=qkv_bias), nn.Linear(dim, dim)
         if grid:   # (2h-1)(2w-1) + 3 rows, one column per head
             self.register_buffer("relative_position_index", idx := rel_pos_index(*grid), persistent=False)
-            self.relative_position_bias_table = nn.Parameter(torch.zeros(idx.max() + 1, num_heads))
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(int(idx.max()) + 1, num_heads))
 
     def forward(self, x):                                              # (B, T, D) -> (B, T, D)
         B, T, D = x.shape
