@@ -11,8 +11,8 @@ ImageNet numbers: not measured. Sections: config | protocols | data | train, eva
 """
 import dataclasses
 import os
-import re
 from collections import OrderedDict, defaultdict
+from functools import partial
 from itertools import islice
 
 import torch
@@ -66,11 +66,11 @@ class Config:
     stop_after: int = 0           # exit after this many steps of this run, leaving a resumable checkpoint; 0 = off
     log_every: int = 50           # progress line every N steps
     out: str = ""                 # "" = out/finetune_<mode>; an existing checkpoint.pth of the same run is resumed
+    compile: bool = False         # torch.compile the classifier (--mode finetune only)
     seed: int = 0
 
-    CHOICES = {"mode": ("finetune", "linear", "knn"), "pool": ("", "cls", "mean", "both"),
-               "probe": ("final", "blocks"), "amp": ("bf16", "fp16", "off"),
-               "arch": ("vit_tiny", "vit_small", "vit_base", "vit_large", "resnet50")}
+    CHOICES = {"mode": ("finetune", "linear", "knn"), "pool": ("", "cls", "mean", "both"), "probe": ("final", "blocks"),
+               "amp": ("bf16", "fp16", "off"), "arch": ("vit_tiny", "vit_small", "vit_base", "vit_large", "resnet50")}
     MODE_DEFAULTS = {"linear": dict(epochs=90, batch_size=512, blr=0.1, min_lr=0.0, warmup_epochs=10, weight_decay=0.0)}
     PRESETS = {"tiny": dict(device="cpu", workers=0, batch_size=8, img_size=32, warmup_epochs=0, log_every=1,
                             arch="vit_tiny", patch_size=4, epochs=1, blr=1e-3),
@@ -83,17 +83,16 @@ class Config:
 
 
 FILL = tuple(round(255 * c) for c in IMAGENET_MEAN)   # geometric ops fill with the ImageNet mean pixel (124, 116, 104)
-BICUBIC = Image.Resampling.BICUBIC
 
 
 def _affine(img, *matrix):
-    return img.transform(img.size, Image.Transform.AFFINE, matrix, BICUBIC, fillcolor=FILL)
+    return img.transform(img.size, Image.AFFINE, matrix, Image.BICUBIC, fillcolor=FILL)
 
 
 RA_OPS = {   # timm's 15 "increasing" ops: name -> (level m of 10 -> argument, random sign?, op(img, argument))
     **{k: (None, False, lambda img, v, op=getattr(ImageOps, k.lower()): op(img))   # no argument
        for k in ("AutoContrast", "Equalize", "Invert")},
-    "Rotate": (lambda m: 30 * m / 10, True, lambda img, v: img.rotate(v, BICUBIC, fillcolor=FILL)),   # degrees
+    "Rotate": (lambda m: 30 * m / 10, True, lambda img, v: img.rotate(v, Image.BICUBIC, fillcolor=FILL)),   # degrees
     "PosterizeIncreasing": (lambda m: 4 - int(4 * m / 10), False,   # bits kept; 0 (m 10) = black, as old Pillow
                             lambda img, v: ImageOps.posterize(img, v) if v else Image.new(img.mode, img.size)),
     "SolarizeIncreasing": (lambda m: 256 - int(256 * m / 10), False, lambda img, v: ImageOps.solarize(img, v)),
@@ -109,21 +108,16 @@ RA_OPS = {   # timm's 15 "increasing" ops: name -> (level m of 10 -> argument, r
 }
 
 
-class RandAugment:
+def rand_augment(img, m=9, n=2, std=0.5):
     """timm `rand-m{m}-mstd0.5-inc1`: n ops, each with prob. 0.5 at magnitude ~ N(m, std) in [0, 10] (torch RNG)."""
-
-    def __init__(self, m=9, n=2, std=0.5):
-        self.m, self.n, self.std, self.names = m, n, std, list(RA_OPS)
-
-    def __call__(self, img):
-        for i in torch.randint(len(self.names), (self.n,)).tolist():
-            level_fn, signed, op = RA_OPS[self.names[i]]
-            if torch.rand(()) < 0.5:
-                continue
-            m = float(torch.clamp(self.m + self.std * torch.randn(()), 0, 10))
-            v = level_fn(m) if level_fn else None
-            img = op(img, -v if signed and torch.rand(()) < 0.5 else v)
-        return img
+    for i in torch.randint(len(RA_OPS), (n,)).tolist():
+        level_fn, signed, op = list(RA_OPS.values())[i]
+        if torch.rand(()) < 0.5:
+            continue
+        level = float(torch.clamp(m + std * torch.randn(()), 0, 10))
+        v = level_fn(level) if level_fn else None
+        img = op(img, -v if signed and torch.rand(()) < 0.5 else v)
+    return img
 
 
 class LARS(torch.optim.Optimizer):
@@ -160,15 +154,14 @@ class Classifier(nn.Module):
             self.encoder.norm = nn.Identity()
         in_dim = 2 * dim if blocks else dim
         self.heads = nn.ModuleDict({n: nn.Linear(in_dim, num_classes) for n in self.names})
-        for h in self.heads.values():
-            nn.init.trunc_normal_(h.weight, std=0.01 if mode == "linear" else 0.02)   # MAE linprobe / BEiT
+        for h in self.heads.values():   # std: MAE linprobe 0.01, BEiT 0.02 x head_init_scale 0.001
+            nn.init.trunc_normal_(h.weight.data, std=0.01 if mode == "linear" else 0.02).mul_(
+                0.001 if mode == "finetune" else 1.0)
             nn.init.zeros_(h.bias)
-            h.weight.data.mul_(0.001 if mode == "finetune" else 1.0)   # BEiT head_init_scale
         if mode == "linear" and probe == "final":
             self.heads = nn.ModuleDict({n: nn.Sequential(nn.BatchNorm1d(in_dim, affine=False, eps=1e-6), h)
                                         for n, h in self.heads.items()})
-        if mode != "finetune":
-            self.encoder.requires_grad_(False)
+        self.encoder.requires_grad_(mode == "finetune")
 
     def pooled(self, x):                                       # (B, C, H, W) -> {name: (B, F)}
         if not self.is_vit:
@@ -190,8 +183,7 @@ class Classifier(nn.Module):
 def layer_decay_groups(model, weight_decay, layer_decay):
     """BEiT layer-wise lr decay: lr scale layer_decay^(L+1-layer) (layers: docs/finetune.md); common.no_decay rule."""
     L, groups = len(model.encoder.blocks) if model.is_vit else 0, {}
-    for name, p in ((n, p) for n, p in model.named_parameters() if p.requires_grad):
-        n = name.removeprefix("encoder.")
+    for n, p in ((n.removeprefix("encoder."), p) for n, p in model.named_parameters() if p.requires_grad):
         layer = int(n.split(".")[1]) + 1 if n.startswith("blocks.") else 0 if n.startswith(
             ("cls_token", "pos_embed", "patch_embed")) else L + 1
         wd = 0.0 if no_decay(n, p) else weight_decay
@@ -202,12 +194,10 @@ def layer_decay_groups(model, weight_decay, layer_decay):
 
 def knn_classify(train_f, train_y, test_f, num_classes, k=20, t=0.07, chunk=256):
     """DINO weighted kNN: the top-k cosine neighbours vote with exp(sim / t) -> class scores (M_test, num_classes)."""
-    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
-    scores = []
-    for q in test_f.split(chunk):
-        sim, idx = (q @ train_f.T).topk(min(k, len(train_f)), dim=1)          # (m, k)
-        votes = F.one_hot(train_y[idx], num_classes).float()                  # (m, k, C)
-        scores.append((votes * (sim / t).exp()[..., None]).sum(1))            # (m, C)
+    train_f, scores = F.normalize(train_f, dim=1), []
+    for q in F.normalize(test_f, dim=1).split(chunk):
+        sim, idx = (q @ train_f.T).topk(min(k, len(train_f)), dim=1)                          # (m, k)
+        scores.append(sim.new_zeros(len(q), num_classes).scatter_add_(1, train_y[idx], (sim / t).exp()))  # (m, C)
     return torch.cat(scores)
 
 
@@ -223,12 +213,11 @@ def build_transforms(cfg, img_size):
     bicubic = transforms.InterpolationMode.BICUBIC
     val = transforms.Compose([transforms.Resize(int(img_size / 0.875), interpolation=bicubic),
                               transforms.CenterCrop(img_size), *norm])   # 256 -> 224 (MAE, DINO, BEiT)
-    crop = [transforms.RandomResizedCrop(img_size, interpolation=bicubic), transforms.RandomHorizontalFlip()]
-    if cfg.mode == "knn":
-        return val, val
-    ra = [RandAugment(cfg.randaug)] if cfg.randaug and cfg.mode == "finetune" else []   # linear: crop + flip (MAE)
-    erase = [transforms.RandomErasing(cfg.reprob, value="random")] if cfg.reprob and cfg.mode == "finetune" else []
-    return transforms.Compose(crop + ra + norm + erase), val
+    ft = cfg.mode == "finetune"   # linear: crop + flip only (MAE); knn: the val transform for both
+    train = [transforms.RandomResizedCrop(img_size, interpolation=bicubic), transforms.RandomHorizontalFlip(),
+             *([partial(rand_augment, m=cfg.randaug)] if cfg.randaug and ft else []), *norm,
+             *([transforms.RandomErasing(cfg.reprob, value="random")] if cfg.reprob and ft else [])]
+    return (val if cfg.mode == "knn" else transforms.Compose(train)), val
 
 
 def build_data(cfg, img_size):
@@ -277,30 +266,24 @@ def extract(fn, loader, device, autocast):
     return {n: all_gather_cat(torch.cat(v))[first] for n, v in outs.items()}, all_gather_cat(torch.cat(labels))[first]
 
 
-def check(cfg, args):
-    """Every bad combination: one error line before any work."""
-    is_vit = args["arch"] == "vit"
-    for bad, msg in [(cfg.mode == "finetune" and cfg.pool == "both", "--pool both is for --mode linear / knn"),
-                     (cfg.probe == "blocks" and (cfg.mode != "linear" or not is_vit),
-                      "--probe blocks is for --mode linear on a ViT"),
-                     (cfg.warmup_epochs > 0 and cfg.mode != "knn" and cfg.warmup_epochs >= cfg.epochs,
-                      f"--warmup-epochs {cfg.warmup_epochs} >= --epochs {cfg.epochs}: the lr never reaches its peak"),
-                     (min(cfg.epochs, cfg.batch_size, cfg.log_every) < 1, "--epochs, --batch-size, --log-every >= 1")]:
-        if bad:
-            fail(msg)
-
-
 def main(cfg):
     seed_all(cfg.seed)   # the same random encoder / head init on every rank
     encoder, dim, args = build_encoder(cfg)
     cfg = dataclasses.replace(cfg, pool=cfg.pool or args["pool"], out=cfg.out or f"out/finetune_{cfg.mode}")
-    check(cfg, args)
+    for bad, msg in [(cfg.mode == "finetune" and cfg.pool == "both", "--pool both is for --mode linear / knn"),
+                     (cfg.probe == "blocks" and (cfg.mode != "linear" or args["arch"] != "vit"),
+                      "--probe blocks is for --mode linear on a ViT"),
+                     (cfg.warmup_epochs > 0 and cfg.mode != "knn" and cfg.warmup_epochs >= cfg.epochs,
+                      f"--warmup-epochs {cfg.warmup_epochs} >= --epochs {cfg.epochs}: the lr never reaches its peak"),
+                     (cfg.compile and cfg.mode != "finetune", "--compile is for --mode finetune"),
+                     (min(cfg.epochs, cfg.batch_size, cfg.log_every) < 1, "--epochs, --batch-size, --log-every >= 1")]:
+        if bad:   # every bad combination: one error line before any work
+            fail(msg)
     rank, world, device = setup_dist(cfg.device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if device.type == "cuda" else None
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    img_size = cfg.img_size or args.get("img_size", 224)
-    train_set, val_set = build_data(cfg, img_size)
+    train_set, val_set = build_data(cfg, cfg.img_size or args.get("img_size", 224))
     num_classes = len(train_set.classes)
     loader = build_loader(train_set, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device, cfg.mode != "knn")
     val_loader = build_loader(val_set, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device, shuffle=False)
@@ -332,19 +315,17 @@ def main(cfg):
                            "skipped": skipped_images(train_set) + skipped_images(val_set)})
         return {"top1": top1, "top5": top5, "per_pool": res}
 
-    model = raw_model if world == 1 else nn.parallel.DistributedDataParallel(
-        raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = torch.compile(raw_model) if cfg.compile else raw_model   # nanoGPT's order: compile, then DDP
+    model = model if world == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
     steps_per_epoch = min(len(loader), cfg.steps_per_epoch or len(loader))
     total_steps = cfg.epochs * steps_per_epoch
     lr = cfg.blr * cfg.batch_size * world / 256
     print0(f"{protocol} (pool {pools}): lr = {cfg.blr} x {cfg.batch_size} x {world} / 256 = {lr:.2e}, "
            f"{total_steps} steps, out {cfg.out}")
-    if cfg.mode == "linear" and cfg.probe == "final":
-        opt = LARS([{"params": raw_model.heads.parameters(), "lr_scale": 1.0}], lr=lr, weight_decay=cfg.weight_decay)
-    else:
-        ld = cfg.layer_decay if cfg.mode == "finetune" else 1.0
-        opt = torch.optim.AdamW(layer_decay_groups(raw_model, cfg.weight_decay, ld), lr=lr, betas=(0.9, 0.999),
-                                fused=device.type == "cuda")
+    groups = layer_decay_groups(raw_model, cfg.weight_decay, cfg.layer_decay if cfg.mode == "finetune" else 1.0)
+    opt = LARS(groups, lr=lr) if cfg.mode == "linear" and cfg.probe == "final" else torch.optim.AdamW(
+        groups, lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     lr_sched = cosine_schedule(lr, cfg.min_lr, total_steps, cfg.warmup_epochs * steps_per_epoch)
     mixers = [m(alpha=a, num_classes=num_classes) for m, a in ((v2.MixUp, cfg.mixup), (v2.CutMix, cfg.cutmix))
@@ -366,9 +347,8 @@ def main(cfg):
                 g["lr"] = lr_sched[it] * g["lr_scale"]
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             x, target = mix(x, y) if mix is not None else (x, F.one_hot(y, num_classes).float())
-            target = target * (1 - smooth) + smooth / num_classes   # label smoothing (fine-tuning only)
-            with autocast():
-                loss = sum(F.cross_entropy(out.float(), target) for out in model(x).values())   # one per head
+            with autocast():   # one loss per head, summed
+                loss = sum(F.cross_entropy(out.float(), target, label_smoothing=smooth) for out in model(x).values())
             finite &= torch.isfinite(loss)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -385,8 +365,7 @@ def main(cfg):
         if not stopping:
             scores, val_y = extract(raw_model.eval(), val_loader, device, autocast)
             res = {n: accuracy(s, val_y) for n, s in scores.items()}
-            head = max(res, key=lambda n: res[n][0])
-            top1, top5 = res[head]
+            head, (top1, top5) = max(res.items(), key=lambda kv: kv[1][0])
             print0(f"epoch {epoch}: " + ", ".join(f"{n} {r[0]:.2f}/{r[1]:.2f}" for n, r in res.items())
                    + f" val top-1/top-5 ({protocol}) | best {max(best, top1):.2f}")
             log_json(cfg.out, {"epoch": epoch, "step": it + 1, "loss": vals["loss"] if vals else None, "top1": top1,
@@ -457,21 +436,17 @@ def build_encoder(cfg):
 
 def from_timm_layout(sd):
     """timm vit_* / beit_* keys -> ours: q_bias, v_bias -> qkv.bias (zero k bias), gamma_i -> ls{i}.gamma."""
-    out = {}
-    for k, v in sd.items():
-        if k.endswith("attn.q_bias"):
-            out[k[:-6] + "qkv.bias"] = torch.cat([v, torch.zeros_like(v), sd[k[:-6] + "v_bias"]])
-        elif not k.endswith("attn.v_bias"):
-            out[re.sub(r"gamma_(\d)$", r"ls\1.gamma", k)] = v
-    return out
+    out = {k.replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma"): v for k, v in sd.items()
+           if not k.endswith(("attn.q_bias", "attn.v_bias"))}
+    return {**out, **{k[:-6] + "qkv.bias": torch.cat([v, torch.zeros_like(v), sd[k[:-6] + "v_bias"]])
+                      for k, v in sd.items() if k.endswith("attn.q_bias")}}
 
 
 def resize_grid(rows, old, new):
     """(h*w, C) rows of an h x w grid -> (h'*w', C) for another grid, bicubic (positions, BEiT bias tables)."""
     if tuple(old) == tuple(new):
         return rows
-    grid = rows.T.reshape(1, -1, *old).float()                                           # (1, C, h, w)
-    grid = F.interpolate(grid, size=tuple(new), mode="bicubic", align_corners=False)     # (1, C, h', w')
+    grid = F.interpolate(rows.T.reshape(1, -1, *old).float(), size=tuple(new), mode="bicubic", align_corners=False)
     return grid.reshape(rows.shape[1], -1).T.to(rows.dtype)
 
 
@@ -483,8 +458,7 @@ def sincos_pos_embed(D, h, w):
     """Fixed 2-D sin-cos positions (MAE): half the channels encode the column, half the row -> (h*w, D)."""
     omega = 1.0 / 10000 ** (torch.arange(D // 4, dtype=torch.float64) / (D // 4))       # (D/4,)
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
-    out = [f(c.flatten()[:, None] * omega) for c in (xs, ys) for f in (torch.sin, torch.cos)]  # 4 x (h*w, D/4)
-    return torch.cat(out, dim=1).float()                                               # (h*w, D)
+    return torch.cat([f(c.flatten()[:, None] * omega) for c in (xs, ys) for f in (torch.sin, torch.cos)], 1).float()
 
 
 def rel_pos_index(h, w):
@@ -504,10 +478,9 @@ class Attention(nn.Module):
     def __init__(self, dim, num_heads, qkv_bias=True, grid=None):
         super().__init__()
         self.num_heads, self.qkv, self.proj = num_heads, nn.Linear(dim, dim * 3, bias=qkv_bias), nn.Linear(dim, dim)
-        if grid:
-            self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * grid[0] - 1) * (2 * grid[1] - 1) + 3,
-                                                                         num_heads))
-            self.register_buffer("relative_position_index", rel_pos_index(*grid), persistent=False)
+        if grid:   # (2h-1)(2w-1) + 3 rows, one column per head
+            self.register_buffer("relative_position_index", idx := rel_pos_index(*grid), persistent=False)
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(int(idx.max()) + 1, num_heads))
 
     def forward(self, x):                                              # (B, T, D) -> (B, T, D)
         B, T, D = x.shape
@@ -542,8 +515,7 @@ class VisionTransformer(nn.Module):
                  qkv_bias=True, pos_embed="learned", rel_pos=False, init_values=None, drop_path=0.0, in_chans=3):
         super().__init__()
         self.patch_size, self.grid = patch_size, (img_size // patch_size,) * 2
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
+        self.patch_embed = nn.ModuleDict({"proj": nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)})
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         if pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], embed_dim))
@@ -562,11 +534,9 @@ class VisionTransformer(nn.Module):
         nn.init.normal_(self.cls_token, std=0.02)
 
     def forward_blocks(self, images):                                  # (B, C, H, W) -> depth x (B, 1+N, D), raw
-        x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)    # (B, N, D)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        if self.pos_embed is not None:
-            x = x + resize_pos_embed(self.pos_embed, self.grid, (images.shape[-2] // self.patch_size,
-                                                                 images.shape[-1] // self.patch_size))
+        x = self.patch_embed.proj(images)                              # (B, D, h, w)
+        pos = 0 if self.pos_embed is None else resize_pos_embed(self.pos_embed, self.grid, x.shape[-2:])
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x.flatten(2).transpose(1, 2)], dim=1) + pos
         return [x := blk(x) for blk in self.blocks]
 
     def forward(self, images):                                         # (B, C, H, W) -> (B, 1+N, D)

@@ -2,6 +2,7 @@
 finetune's ViT exactly as timm runs it, and the guards that keep reruns from going wrong."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -124,6 +125,8 @@ def test_rerun_guards(tmp_path):
     assert run("--pretrained", a, *out).returncode == 0
     r = run("--pretrained", a, "--epochs", "2", "--warmup-epochs", "2", "--out", str(tmp_path / "w"))
     assert r.returncode == 1 and "never reaches its peak" in r.stderr
+    r = run("--pretrained", a, "--mode", "knn", "--compile", "--out", str(tmp_path / "c"))
+    assert r.returncode == 1 and "--compile is for --mode finetune" in r.stderr
 
 
 def test_val_classes_must_match_train(tmp_path):
@@ -248,3 +251,14 @@ def test_sincos_rel_index_other_grids_and_drop_path():
     m.eval()
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(m(x), m(x))   # no stochastic depth in eval
+
+
+def test_compile_gives_the_eager_losses(tmp_path):
+    """--compile (torch.compile, then DDP) trains the same model: the logged losses match the eager run's."""
+    losses = []
+    for flags in ((), ("--compile",)):
+        r = run("--pretrained", "random", "--steps-per-epoch", "2", "--batch-size", "4", *flags,
+                "--out", str(tmp_path / str(len(flags))))
+        assert r.returncode == 0, r.stderr[-2000:]
+        losses.append([float(s) for s in re.findall(r"loss (\d+\.\d+)", r.stdout)])
+    assert len(losses[0]) == 2 and losses[0] == losses[1]
