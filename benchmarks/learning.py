@@ -67,13 +67,13 @@ def run(cmd, log):
 
 def features(pretrained, data, extra=None):
     """Frozen-encoder features of the train and val splits with finetune.py's own encoder loading and feature
-    function (ViT: [cls, mean of patch tokens] of the final normed output, as its --mode linear and --mode knn), on
+    function (ViT: [final-norm cls, mean of raw patch tokens] as its --pool both; each probe normalises them), on
     un-augmented images (its val transform). Also the same features after every block (LayerNorm without affine),
     to show where a pre-trained encoder keeps what it learned. -> {split: ([final, block 1..L], labels)}"""
     cfg = Config(mode="knn", pretrained=str(pretrained), data=str(data), img_size=32, device="cpu", **(extra or {}))
     seed_all(0)                                # the random baseline is the same encoder every run
     enc, dim, args = build_encoder(cfg)
-    model = Classifier(enc, dim, 1, "knn", "mean", args["arch"] == "vit").eval()   # only .features is used
+    model = Classifier(enc, dim, 1, "knn", "both", args["arch"] == "vit").eval()   # only .pooled is used
     tf = build_transforms(cfg, 32)[1]
     out = {}
     for split in ("train", "val"):
@@ -82,7 +82,7 @@ def features(pretrained, data, extra=None):
         acts = []
         hooks = [b.register_forward_hook(lambda m, i, o: acts.append(o)) for b in enc.blocks]
         with torch.no_grad():
-            fs = [torch.cat([model.features(b) for b in x.split(256)])]
+            fs = [torch.cat([torch.cat(list(model.pooled(b).values()), -1) for b in x.split(256)])]
         for h in hooks:
             h.remove()
         for a in (torch.cat(acts[i::len(enc.blocks)]) for i in range(len(enc.blocks))):
