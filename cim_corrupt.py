@@ -17,7 +17,6 @@ import itertools
 import math
 import os
 import pickle
-import re
 from collections import OrderedDict
 
 import torch

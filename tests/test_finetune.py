@@ -1,5 +1,6 @@
 """finetune.py: the protocols (RandAugment strength, pooling, LARS probe, kNN), every exported layout loading into
 finetune's ViT exactly as timm runs it, and the guards that keep reruns from going wrong."""
+import fcntl
 import json
 import os
 import re
@@ -58,7 +59,9 @@ def test_modes_from_random_encoder_checkpoint(tmp_path, mode):
     assert r.returncode == 0, r.stderr
     log = [json.loads(line) for line in open(tmp_path / "o" / "log.jsonl")]
     assert 0.0 <= log[-1]["top1"] <= 100.0 and log[-1]["top5"] >= log[-1]["top1"] and "mean" in str(log[-1]["pool"])
-    assert "pool mean" in r.stdout and not (tmp_path / "o" / "run.lock").exists()   # lock released at exit
+    assert "pool mean" in r.stdout
+    with open(tmp_path / "o" / "run.lock") as f:   # the run's flock died with it
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     if mode != "knn":
         assert (tmp_path / "o" / "best.pth").exists() and (tmp_path / "o" / "checkpoint.pth").exists()
 
@@ -118,11 +121,11 @@ def test_rerun_guards(tmp_path):
         r = run(*args, "--epochs", "2", *out)
         assert r.returncode == 1 and keys in r.stderr and str(tmp_path / "o") in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
-    (tmp_path / "o" / "run.lock").write_text(f"{os.uname().nodename} {os.getppid()}")   # a live process
-    r = run("--pretrained", a, *out)
-    assert r.returncode == 1 and "in use by pid" in r.stderr
-    (tmp_path / "o" / "run.lock").write_text(f"{os.uname().nodename} 999999999")         # a dead one: taken over
-    assert run("--pretrained", a, *out).returncode == 0
+    with open(tmp_path / "o" / "run.lock") as f:   # a live run holds --out
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = run("--pretrained", a, *out)
+        assert r.returncode == 1 and "is in use" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert run("--pretrained", a, *out).returncode == 0   # released: the next run goes on
     r = run("--pretrained", a, "--epochs", "2", "--warmup-epochs", "2", "--out", str(tmp_path / "w"))
     assert r.returncode == 1 and "never reaches its peak" in r.stderr
     r = run("--pretrained", a, "--mode", "knn", "--compile", "--out", str(tmp_path / "c"))
