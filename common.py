@@ -3,7 +3,6 @@ import argparse
 import atexit
 import dataclasses
 import datetime
-import fcntl
 import hashlib
 import inspect
 import json
@@ -20,6 +19,11 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import datasets
+
+try:
+    import fcntl   # POSIX file locks; on Windows --out is not locked
+except ImportError:
+    fcntl = None
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _held_locks = {}   # --out path -> its open run.lock, flock-ed until this process ends
@@ -135,7 +139,8 @@ def prepare_out(out, cfg, script):
     os.makedirs(out, exist_ok=True)
     lock = open(os.path.join(out, "run.lock"), "a")
     try:   # the kernel drops the lock when the process ends, however it ends: no stale lock
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if fcntl:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         fail(f"--out {out} is in use by another running process; pass another --out")
     except OSError as e:   # a file system without flock (e.g. Lustre mounted without it): run unlocked

@@ -33,7 +33,8 @@ from common import build_dataset, seed_all  # noqa: E402
 from finetune import Classifier, Config, accuracy, build_encoder, build_transforms, knn_classify  # noqa: E402
 
 # per method: extra flags, extra flags for --quick. The budget (epochs) is each file's small32 preset unless --epochs
-METHODS = {"conmim": dict(args=[]), "cim_correlate": dict(args=[]), "cim_corrupt": dict(args=[], quick=["--tok-epochs", "1"])}
+METHODS = {"conmim": dict(args=[]), "cim_correlate": dict(args=[]),
+           "cim_corrupt": dict(args=[], quick=["--tok-epochs", "1"])}
 
 
 def write_digits(out, per_class=0):
@@ -154,12 +155,16 @@ def tokenizer_recon(path, data):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="digits", help="'digits' (sklearn, offline) or an ImageFolder root with train/ val/")
+    p.add_argument("--data", default="digits",
+                   help="'digits' (sklearn, offline) or an ImageFolder root with train/ val/")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--epochs", type=int, default=0, help="pre-training epochs for every method (0 = its small32 preset)")
+    p.add_argument("--epochs", type=int, default=0,
+                   help="pre-training epochs for every method (0 = its small32 preset)")
     p.add_argument("--linear-steps", type=int, default=300, help="full-batch steps of the linear probe")
-    p.add_argument("--reuse", action="store_true", help="reuse finished pre-training runs found in --out (evaluation always reruns: seconds)")
-    p.add_argument("--quick", action="store_true", help="seconds-long run on 20 digits per class: checks the pipeline only")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse finished pre-training runs found in --out (evaluation always reruns: seconds)")
+    p.add_argument("--quick", action="store_true",
+                   help="seconds-long run on 20 digits per class: checks the pipeline only")
     p.add_argument("--out", default="out/learning")
     args = p.parse_args()
     out = Path(args.out).resolve()
@@ -175,8 +180,8 @@ def main():
     results["rows"]["raw pixels"] = raw_pixels(data, args)
     results["rows"]["random ViT-Tiny"] = evaluate("random", data, args, dict(arch="vit_tiny", patch_size=4))
     short = lambda r: {k: v for k, v in r.items() if k != "per_block"}
-    print(f"raw pixels / random ViT-Tiny: {results['rows']['raw pixels']} / {short(results['rows']['random ViT-Tiny'])}",
-          flush=True)
+    rows = results["rows"]
+    print(f"raw pixels / random ViT-Tiny: {rows['raw pixels']} / {short(rows['random ViT-Tiny'])}", flush=True)
     for m in args.methods.split(","):
         spec, o = METHODS[m], out / m
         epochs = 1 if args.quick else args.epochs
@@ -199,7 +204,7 @@ def main():
             row.update(tokenizer_recon(o / "pretrain" / "tokenizer.pth", data))
         results["rows"][m] = row
         print(f"{m}: {short(row)}", flush=True)
-        if not args.quick:   # the same model before its first update: step 0 runs at lr 0 (warmup from 0), EMA of equals
+        if not args.quick:   # the same model before its first update: step 0 runs at lr 0 (warmup), EMA of equals
             init = o / "init"
             if not (args.reuse and (init / "pretrain" / "checkpoint.pth").exists()):
                 shutil.rmtree(init, ignore_errors=True)
@@ -208,7 +213,8 @@ def main():
                     shutil.copy(o / "pretrain" / "tokenizer.pth", init / "pretrain" / "tokenizer.pth")
                 run([*cmd[:6], str(init / "pretrain"), *cmd[7:], "--stop-after", "1"], o / "init.log")
             results["rows"][f"{m} at init"] = evaluate(init / "pretrain" / "checkpoint.pth", data, args)
-    print(f"\n{'encoder':<22} {'kNN':>6} {'linear':>7} {'best block kNN':>15} {'best block linear':>18} {'pre-train':>12}  notes")
+    print(f"\n{'encoder':<22} {'kNN':>6} {'linear':>7} {'best block kNN':>15} {'best block linear':>18} "
+          f"{'pre-train':>12}  notes")
     for name, r in results["rows"].items():
         pt = f"{r['pretrain_epochs']} ep {r['pretrain_seconds']:.0f}s" if "pretrain_epochs" in r else "-"
         bk, bl = (f"{r[k][1]:.1f} (#{r[k][0]})" if k in r else "-" for k in ("best_block_knn", "best_block_linear"))

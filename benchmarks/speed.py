@@ -4,7 +4,7 @@ classifier step of the same backbone and the data loader alone.
 
     python benchmarks/speed.py --device cuda --arch vit_base --img-size 224 --batch-size 128        # eager
     python benchmarks/speed.py --device cuda --arch vit_base --img-size 224 --batch-size 128 --compile
-    python benchmarks/speed.py --device cpu --quick                                                 # tiny preset, seconds
+    python benchmarks/speed.py --device cpu --quick                                         # tiny preset, seconds
 
 A "step" is everything a training iteration does on the device: forward, backward, optimizer, EMA / teacher /
 generator / tokenizer work, mask / crop / corruption generation. FLOPs are counted once with
@@ -158,19 +158,22 @@ def main():
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     peak = matmul_peak(device, amp_dtype or torch.float32)
     warmup, iters = (1, 2) if args.quick else (3 if not args.compile else 10, args.iters)
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} CPU threads'}), "
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"device {device} ({name}), "
           f"dense {'bf16' if amp_dtype else 'fp32'} matmul {peak / 1e12:.2f} TFLOP/s, compile={args.compile}")
     print(f"{'row':<42} {'batch':>5} {'img/s':>9} {'GFLOP/img':>10} {'MFU':>6} {'peak GiB':>9}")
     def report(label, step, batch, bs):
         flops = count_flops(step, batch)
         sec, mem = time_step(step, batch, device, warmup, iters)
-        print(f"{label:<42} {bs:>5} {bs / sec:>9.1f} {flops / bs / 1e9:>10.2f} {flops / sec / peak:>6.1%} {mem:>9.2f}", flush=True)
+        print(f"{label:<42} {bs:>5} {bs / sec:>9.1f} {flops / bs / 1e9:>10.2f} {flops / sec / peak:>6.1%} {mem:>9.2f}",
+              flush=True)
     for arch in args.archs.split(","):
         for name in args.methods.split(","):
             if arch == "resnet50" and name == "conmim":
                 continue
             m = importlib.import_module(name)
-            flags = ["--preset", "tiny"] if args.quick else ["--img-size", str(args.img_size), "--batch-size", str(args.batch_size)]
+            flags = ["--preset", "tiny"] if args.quick else \
+                ["--img-size", str(args.img_size), "--batch-size", str(args.batch_size)]
             flags += ["--device", args.device, "--data", args.data] + (["--arch", "resnet50"] if arch == "resnet50" else
                                                                     [] if args.quick else ["--arch", args.arch])
             if name == "cim_corrupt":
@@ -183,7 +186,8 @@ def main():
             ds = build_dataset("synthetic", "train", tf, cfg.img_size, synthetic_size=cfg.batch_size)
             batch = torch.utils.data.default_collate([ds[i] for i in range(cfg.batch_size)])[0]
             batch = [b.to(device) for b in batch] if isinstance(batch, (list, tuple)) else batch.to(device)
-            opt = torch.optim.AdamW([q for q in raw.parameters() if q.requires_grad], lr=1e-4, fused=device.type == "cuda")
+            opt = torch.optim.AdamW([q for q in raw.parameters() if q.requires_grad], lr=1e-4,
+                                    fused=device.type == "cuda")
             step = make_step(raw, fwd, after, opt, amp_dtype, device, cfg.clip_grad, args.compile)
             report(f"{name} {cfg.arch} {cfg.img_size}px", step, batch, cfg.batch_size)
             if not args.quick:
@@ -196,8 +200,8 @@ def main():
         if ref_arch == "resnet50":
             x = x.contiguous(memory_format=torch.channels_last)
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
-        report(f"{label} {cfg.img_size}px (reference)", make_step(net, fwd, lambda: None, opt, amp_dtype, device, 0, args.compile),
-               x, cfg.batch_size)
+        step = make_step(net, fwd, lambda: None, opt, amp_dtype, device, 0, args.compile)
+        report(f"{label} {cfg.img_size}px (reference)", step, x, cfg.batch_size)
 
 
 if __name__ == "__main__":
