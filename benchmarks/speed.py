@@ -1,6 +1,6 @@
 """
 benchmarks/speed.py - img/s, peak memory, FLOPs and MFU of each method's full training step, beside a plain
-classifier step of the same backbone and the data loader alone.
+image-classifier step of the same backbone and the data loader alone.
 
     python benchmarks/speed.py --device cuda --arch vit_base --img-size 224 --batch-size 128        # eager
     python benchmarks/speed.py --device cuda --arch vit_base --img-size 224 --batch-size 128 --compile
