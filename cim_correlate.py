@@ -480,7 +480,7 @@ def main(cfg):
     keys = ("arch", "depth", "patch_size", "img_size", "context_size", "exemplar_size", "num_exemplars", "epochs")
     settings = {**run_settings(cfg, __file__, keys), "global_batch": global_batch}
     start = resume(cfg.out, raw_model, opt, scaler, rank, cfg.seed, settings=settings)
-    progress, last = Progress(total_steps, global_batch, cfg.log_every), {}
+    progress, last = Progress(total_steps, global_batch, cfg.log_every, cfg.out), {}
     for epoch in range(start // steps_per_epoch, cfg.epochs):
         loader.sampler.set_epoch(epoch)
         first = start % steps_per_epoch if epoch == start // steps_per_epoch else 0

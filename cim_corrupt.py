@@ -246,6 +246,8 @@ class CIM(nn.Module):
         acc = ((c["logits"].detach().argmax(-1) == c["ids"]) & c["mask"]).sum() / c["mask"].sum().clamp(min=1)
         logs = dict(loss_gen=loss_gen.detach(), loss_enh=loss_enh.detach(), gen_acc=acc,
                     replaced=c["replaced"].float().mean())
+        if self.cfg.objective == "revdet":   # RevDet's pretext solved: share of tokens classified right
+            logs["det_acc"] = ((out[..., 0].detach() > 0) == c["replaced"]).float().mean()
         return loss_gen + self.cfg.lam * loss_enh, logs
 
 
@@ -339,7 +341,7 @@ def main(cfg):
                              "encoder_args": raw_model.encoder_args, "pool": "mean"},   # BEiT fine-tuning pools by mean
                             os.path.join(cfg.out, "checkpoint.pth"))
 
-    progress, last = Progress(total_steps, global_batch, cfg.log_every), {}
+    progress, last = Progress(total_steps, global_batch, cfg.log_every, cfg.out), {}
     for epoch in range(start // steps_per_epoch, cfg.epochs):
         loader.sampler.set_epoch(epoch)
         first = start % steps_per_epoch if epoch == start // steps_per_epoch else 0

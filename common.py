@@ -295,10 +295,12 @@ def build_loader(dataset, batch_size, world, rank, seed, workers, device, shuffl
 
 
 class Progress:
-    """Prints `ep e step s/n | loss .. | lr | img/s | eta` every `every` steps; only log steps read device values."""
+    """Prints `ep e step s/n | loss .. | lr | img/s | eta` every `every` steps, and with `out` appends the same
+    values to out/steps.jsonl (pretext metrics against steps); only log steps read device values."""
 
-    def __init__(self, total_steps, global_batch, every=50):
+    def __init__(self, total_steps, global_batch, every=50, out=None):
         self.total, self.batch, self.every, self.last, self.t0 = total_steps, global_batch, every, None, time.time()
+        self.out = out
 
     def step(self, it, epoch, logs, lr):
         """it: global step just done; logs: 0-d tensors (averaged over ranks here) -> dict of floats or None."""
@@ -311,4 +313,7 @@ class Progress:
         eta = datetime.timedelta(seconds=int((self.total - it - 1) * self.batch / max(rate, 1e-9)))
         print0(f"ep {epoch} step {it + 1}/{self.total} | " + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
                + f" | lr {lr:.2e} | {rate:.1f} img/s | eta {eta}")
+        if self.out and int(os.environ.get("RANK", 0)) == 0:
+            with open(os.path.join(self.out, "steps.jsonl"), "a") as f:
+                f.write(json.dumps({"step": it + 1, "epoch": epoch, **vals, "lr": lr, "img_s": rate}) + "\n")
         return vals

@@ -399,7 +399,7 @@ def main(cfg):
     settings = {**run_settings(cfg, __file__, ("arch", "depth", "img_size", "patch_size", "epochs", "mask_type")),
                 "global_batch": global_batch}
     start = resume(cfg.out, raw_model, opt, scaler, rank, cfg.seed, settings=settings)   # optimizer steps done
-    progress = Progress(total_steps, global_batch, cfg.log_every)
+    progress = Progress(total_steps, global_batch, cfg.log_every, cfg.out)
     finite, vals = torch.ones((), dtype=torch.bool, device=device), {}
 
     for epoch in range(start // steps_per_epoch, cfg.epochs):

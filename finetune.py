@@ -334,7 +334,7 @@ def main(cfg):
     smooth = cfg.smoothing if cfg.mode == "finetune" else 0.0   # probes: plain cross-entropy (MAE, BEiT)
     start = resume(cfg.out, raw_model, opt, scaler, rank, cfg.seed, settings=settings)
     best = load_checkpoint(os.path.join(cfg.out, "checkpoint.pth")).get("best", 0.0) if start else 0.0
-    progress = Progress(total_steps, cfg.batch_size * world, cfg.log_every)
+    progress = Progress(total_steps, cfg.batch_size * world, cfg.log_every, cfg.out)
     top1 = top5 = 0.0
     for epoch in range(start // steps_per_epoch, cfg.epochs):
         loader.sampler.set_epoch(epoch)
