@@ -1,50 +1,58 @@
 """
-benchmarks/learning.py - does a short CPU pre-training run learn features that beat random weights?
+benchmarks/learning.py - at the same small CPU budget, does each method's encoder learn, and how far does it get
+against a standard baseline (a same-budget MAE)?
 
-Pre-trains each method with its `small32` preset (ViT-Tiny, 32x32, patch 4) on real images, then evaluates the
-encoder on a held-out split beside raw pixels, a randomly initialised ViT-Tiny (finetune.py --pretrained random) and
-each method's own model before its first update ("at init"). Evaluation uses finetune.py's encoder loading and
-features ([cls, mean patch token], frozen, un-augmented): its DINO kNN, and a linear probe trained full-batch on the
-cached features (finetune.py --mode linear is the ImageNet protocol: its 8%-area crops erase a 32 px digit, so a
-random encoder whose features reach 96% scored 35% with it). The same probes also run on every block's output.
-cim_corrupt trains its own dVAE tokenizer inside the run; its held-out reconstruction error is reported.
-Default data: scikit-learn's bundled 8x8 handwritten digits (1,797 images, offline) upsampled to 32x32 RGB, fixed
-80/20 split per class (scikit-learn is a test/benchmark extra, never a runtime dependency); or any ImageFolder with
-train/ and val/ given with --data.
+Every row pre-trains a ViT-Tiny (32x32 input, patch 4) for the same wall-clock budget on one CPU thread, for several
+seeds, then is read with frozen features of un-augmented images: finetune.py's DINO weighted 20-NN and a linear probe
+on cached features. Rows: raw pixels; a randomly initialised ViT-Tiny (finetune.py --pretrained random); each method's
+`--preset small32` (ConMIM teacher, CIM-correlate online encoder, CIM-corrupt enhancer) and its own model before its
+first update ("at init"); and MAE (He et al. 2022, arXiv 2111.06377), written below from the paper, on the same
+ViT-Tiny as the random row. Budget: a short calibration run measures each row's steady step rate and its fixed cost
+(start-up, CIM-corrupt's dVAE), and the epochs are set so that the whole run fits the budget.
 
-    python benchmarks/learning.py                              # all methods, default budgets (~25 min on 1 CPU thread)
-    python benchmarks/learning.py --methods conmim --epochs 8  # one method, another budget
-    python benchmarks/learning.py --reuse                      # re-assemble the table from finished runs in --out
-    python benchmarks/learning.py --quick                      # ~1 min: keeps the pipeline working (tests)
+Data: `digits` (scikit-learn's 8x8 digits, 1,797 images, upsampled to 32x32), `shapes` (ten rendered shapes on crops
+of scikit-learn's two sample photos, random colour, size, place and rotation: raw pixels do poorly), or an ImageFolder
+root with train/ and val/. scikit-learn is a benchmark extra, never a runtime dependency.
 
-Prints a table and writes OUT/results.json. Run with OMP_NUM_THREADS=1 on a shared CPU.
+    python benchmarks/learning.py --data shapes               # all rows, 3 seeds, 4 min each (~1.5 h on 2 cores)
+    python benchmarks/learning.py --data digits --rows conmim,mae --seeds 0 --budget 120
+    python benchmarks/learning.py --data shapes --reuse       # re-read finished runs in --out: evaluation only
+    python benchmarks/learning.py --quick                     # ~1 min: keeps the pipeline working (tests)
+    python benchmarks/learning.py mae --data DIR --out DIR    # the MAE baseline alone (called by the above)
+
+Prints the table, writes OUT/results.json and OUT/pretext.png (each row's pretext metric against steps).
 """
-import argparse, json, os, shutil, subprocess, sys, time
+import argparse, json, math, os, shutil, subprocess, sys, time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import build_dataset, seed_all  # noqa: E402
-from finetune import Classifier, Config, accuracy, build_encoder, build_transforms, knn_classify  # noqa: E402
+from common import IMAGENET_MEAN, IMAGENET_STD, Progress, build_dataset, cosine_schedule, seed_all  # noqa: E402
+from finetune import (Block, Classifier, Config, VisionTransformer, accuracy, build_encoder,  # noqa: E402
+                      build_transforms, knn_classify, sincos_pos_embed)
 
-# per method: extra flags, extra flags for --quick. The budget (epochs) is each file's small32 preset unless --epochs
-METHODS = {"conmim": dict(args=[]), "cim_correlate": dict(args=[]),
-           "cim_corrupt": dict(args=[], quick=["--tok-epochs", "1"])}
+# row -> (command, pretext metrics in OUT/steps.jsonl, extra flags). Every row runs on one thread, no loader workers.
+ROWS = {"conmim": (["conmim.py", "--preset", "small32"], ["acc"], []),
+        "cim_correlate": (["cim_correlate.py", "--preset", "small32"], ["iou"], []),
+        "cim_corrupt": (["cim_corrupt.py", "--preset", "small32"], ["gen_acc", "det_acc", "loss_enh"], []),
+        "mae": (["benchmarks/learning.py", "mae"], ["loss"], [])}
+QUICK = ["--steps-per-epoch", "2", "--epochs", "1"]
 
 
+# ----------------------------------------------------------------------------- data
 def write_digits(out, per_class=0):
-    """sklearn digits -> out/train/<d>/*.png and out/val/<d>/*.png (32x32 RGB, fixed 80/20 split per class).
-    per_class > 0 keeps only that many images of each class (--quick)."""
+    """sklearn digits -> out/{train,val}/<d>/*.png, 32x32 RGB, fixed 80/20 split per class (per_class > 0: fewer)."""
     from sklearn.datasets import load_digits
     if (out / "done").exists():
         return out
-    d = load_digits()
-    rng = np.random.default_rng(0)
+    d, rng = load_digits(), np.random.default_rng(0)
     for c in range(10):
         idx = rng.permutation(np.flatnonzero(d.target == c))[:per_class or None]
         n_train = int(0.8 * len(idx))
@@ -57,69 +65,70 @@ def write_digits(out, per_class=0):
     return out
 
 
-def run(cmd, log):
-    t = time.time()
-    r = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
-    log.write_text(r.stdout + r.stderr)
-    if r.returncode:
-        raise SystemExit(f"failed ({log}):\n{r.stderr[-2000:]}")
-    return time.time() - t, r.stdout
+def shape_polygon(name, rng):
+    """Vertices of a unit-size shape (radius ~1 around 0), or None for the round ones drawn as ellipses."""
+    ring = lambda k, r=1.0, a0=0.0: [(r * math.cos(a0 + 2 * math.pi * i / k), r * math.sin(a0 + 2 * math.pi * i / k))
+                                     for i in range(k)]
+    if name == "triangle":
+        return ring(3)
+    if name == "square":
+        return ring(4, 1.0, math.pi / 4)
+    if name == "diamond":                                  # a rhombus twice as long as wide
+        return [(0, -1), (0.5, 0), (0, 1), (-0.5, 0)]
+    if name == "hexagon":
+        return ring(6)
+    if name == "star":
+        return [p for a, b in zip(ring(5, 1.0), ring(5, 0.4, math.pi / 5)) for p in (a, b)]
+    if name == "cross":
+        w = 0.33
+        return [(w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w),
+                (-w, -1)]
+    if name == "arrow":
+        return [(-1, -0.3), (0.2, -0.3), (0.2, -0.75), (1, 0), (0.2, 0.75), (0.2, 0.3), (-1, 0.3)]
+    if name == "halfdisc":
+        return [(math.cos(a), math.sin(a) - 0.4) for a in np.linspace(0, math.pi, 24)]
+    return None
 
 
-def features(pretrained, data, extra=None):
-    """Frozen-encoder features of the train and val splits with finetune.py's own encoder loading and feature
-    function (ViT: [final-norm cls, mean of raw patch tokens] as its --pool both; each probe normalises them), on
-    un-augmented images (its val transform). Also the same features after every block (LayerNorm without affine),
-    to show where a pre-trained encoder keeps what it learned. -> {split: ([final, block 1..L], labels)}"""
-    cfg = Config(mode="knn", pretrained=str(pretrained), data=str(data), img_size=32, device="cpu", **(extra or {}))
-    seed_all(0)                                # the random baseline is the same encoder every run
-    enc, dim, args = build_encoder(cfg)
-    model = Classifier(enc, dim, 1, "knn", "both", args["arch"] == "vit").eval()   # only .pooled is used
-    tf = build_transforms(cfg, 32)[1]
-    out = {}
-    for split in ("train", "val"):
-        ds = build_dataset(str(data), split, tf, 32)
-        x, y = torch.stack([ds[i][0] for i in range(len(ds))]), torch.tensor([ds[i][1] for i in range(len(ds))])
-        acts = []
-        hooks = [b.register_forward_hook(lambda m, i, o: acts.append(o)) for b in enc.blocks]
-        with torch.no_grad():
-            fs = [torch.cat([torch.cat(list(model.pooled(b).values()), -1) for b in x.split(256)])]
-        for h in hooks:
-            h.remove()
-        for a in (torch.cat(acts[i::len(enc.blocks)]) for i in range(len(enc.blocks))):
-            a = F.layer_norm(a, a.shape[-1:])
-            fs.append(torch.cat([a[:, 0], a[:, 1:].mean(1)], dim=-1))
-        out[split] = (fs, y)
+SHAPES = ["circle", "ring", "triangle", "square", "diamond", "hexagon", "star", "cross", "arrow", "halfdisc"]
+
+
+def write_shapes(out, train_per_class=300, val_per_class=100, size=32):
+    """Ten rendered shapes, one per class, each of random colour, size (35-70% of the side), place and rotation, on a
+    random crop of one of scikit-learn's two sample photos (random scale, channel order and brightness); drawn at 4x
+    and downsampled. Deterministic (seed 0). -> out/{train,val}/<shape>/*.png."""
+    from sklearn.datasets import load_sample_images
+    if (out / "done").exists():
+        return out
+    photos, rng, S = [Image.fromarray(p) for p in load_sample_images().images], np.random.default_rng(0), 4 * size
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for name in SHAPES:
+            (out / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                photo = photos[rng.integers(2)]
+                side = int(rng.integers(48, 300))
+                x0, y0 = rng.integers(0, photo.width - side), rng.integers(0, photo.height - side)
+                bg = np.asarray(photo.crop((x0, y0, x0 + side, y0 + side)).resize((S, S), Image.BILINEAR), np.float32)
+                bg = np.clip(bg[..., rng.permutation(3)] * rng.uniform(0.6, 1.3), 0, 255)
+                img = Image.fromarray(np.uint8(bg))
+                r = S * rng.uniform(0.35, 0.7) / 2
+                cx, cy = rng.uniform(r, S - r, size=2)
+                color = tuple(int(v) for v in rng.integers(0, 256, 3))
+                draw, poly = ImageDraw.Draw(img), shape_polygon(name, rng)
+                if poly is None:                           # circle, ring: an ellipse of random aspect
+                    ry = r * rng.uniform(0.8, 1.0)
+                    draw.ellipse((cx - r, cy - ry, cx + r, cy + ry), fill=color)
+                    if name == "ring":
+                        draw.ellipse((cx - r / 2, cy - ry / 2, cx + r / 2, cy + ry / 2), fill=tuple(
+                            int(v) for v in bg[int(cy), int(cx)]))
+                else:
+                    a = rng.uniform(0, 2 * math.pi)
+                    ca, sa = math.cos(a), math.sin(a)
+                    draw.polygon([(cx + r * (px * ca - py * sa), cy + r * (px * sa + py * ca)) for px, py in poly],
+                                 fill=color)
+                img.resize((size, size), Image.LANCZOS).save(out / split / name / f"{i}.png")
+    (out / "done").write_text("ok")
     return out
-
-
-def probes(xtr, ytr, xva, yva, steps):
-    """kNN top-1 (finetune.py's DINO 20-NN on L2-normalised features) and linear-probe top-1: one linear layer on
-    standardised frozen features, full-batch AdamW (lr 1e-2, wd 1e-4) for `steps` steps - the same for raw pixels."""
-    C = int(ytr.max()) + 1
-    knn = accuracy(knn_classify(xtr, ytr, xva, C), yva)[0]
-    mean, std = xtr.mean(0), xtr.std(0) + 1e-6
-    xtr, xva = (xtr - mean) / std, (xva - mean) / std
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(xtr.shape[1], C)
-    opt = torch.optim.AdamW(lin.parameters(), lr=1e-2, weight_decay=1e-4)
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(lin(xtr), ytr).backward()
-        opt.step()
-    with torch.no_grad():
-        return {"knn": round(knn, 1), "linear": round(accuracy(lin(xva), yva)[0], 1)}
-
-
-def evaluate(pretrained, data, args, extra=None):
-    """Final-output kNN / linear top-1, and the best block for each (a MIM encoder's last blocks serve its
-    pre-training head; BEiT probes an intermediate block)."""
-    f = features(pretrained, data, extra)
-    (ftr, ytr), (fva, yva) = f["train"], f["val"]
-    per = [probes(a, ytr, b, yva, args.linear_steps) for a, b in zip(ftr, fva)]
-    best = {m: max(range(1, len(per)), key=lambda i: per[i][m]) for m in ("knn", "linear")}
-    return {**per[0], "best_block_knn": [best["knn"], per[best["knn"]]["knn"]],
-            "best_block_linear": [best["linear"], per[best["linear"]]["linear"]], "per_block": per[1:]}
 
 
 def load_split(data, split):
@@ -132,16 +141,208 @@ def load_split(data, split):
     return torch.tensor(np.stack(xs)).permute(0, 3, 1, 2), torch.tensor(ys)
 
 
-def raw_pixels(data, args):
-    """The same kNN and linear probe on the raw pixels (32x32x3, un-augmented)."""
-    (xtr, ytr), (xva, yva) = load_split(data, "train"), load_split(data, "val")
-    return probes(xtr.flatten(1), ytr, xva.flatten(1), yva, args.linear_steps)
+# ----------------------------------------------------------------------------- the MAE baseline (He et al. 2022)
+class MAE(nn.Module):
+    """Encode a random 25% of the patches (no mask tokens in the encoder); a light decoder fills in mask tokens and
+    predicts every patch's pixels, normalised per patch; MSE on the masked patches only (MAE Sec. 3)."""
+
+    def __init__(self, encoder, dec_dim=128, dec_depth=2, dec_heads=4, mask_ratio=0.75):
+        super().__init__()
+        self.encoder, self.mask_ratio, P = encoder, mask_ratio, encoder.patch_size
+        D, (gh, gw) = encoder.cls_token.shape[-1], encoder.grid
+        self.dec_embed = nn.Linear(D, dec_dim)
+        self.mask_token = nn.Parameter(torch.randn(1, 1, dec_dim) * 0.02)
+        self.register_buffer("dec_pos", F.pad(sincos_pos_embed(dec_dim, gh, gw), (0, 0, 1, 0))[None])
+        self.dec_blocks = nn.ModuleList([Block(dec_dim, dec_heads, 4.0, True, None, 0.0, None)
+                                         for _ in range(dec_depth)])
+        self.dec_norm, self.dec_pred = nn.LayerNorm(dec_dim, eps=1e-6), nn.Linear(dec_dim, P * P * 3)
+        for m in [self.dec_embed, self.dec_pred, *self.dec_blocks.modules()]:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight), nn.init.zeros_(m.bias)
+
+    def forward(self, x):                                              # (B, 3, H, W) normalised -> loss
+        enc, P = self.encoder, self.encoder.patch_size
+        tokens = enc.patch_embed.proj(x).flatten(2).transpose(1, 2) + enc.pos_embed[:, 1:]   # (B, N, D)
+        B, N, D = tokens.shape
+        keep = int(N * (1 - self.mask_ratio))
+        order = torch.rand(B, N, device=x.device).argsort(1)          # per-image random shuffle of the patches
+        restore = order.argsort(1)
+        h = torch.gather(tokens, 1, order[:, :keep, None].expand(-1, -1, D))           # (B, keep, D) visible
+        h = torch.cat([(enc.cls_token + enc.pos_embed[:, :1]).expand(B, -1, -1), h], 1)
+        for blk in enc.blocks:
+            h = blk(h)
+        d = self.dec_embed(enc.norm(h))                                # (B, 1+keep, C)
+        d_patches = torch.cat([d[:, 1:], self.mask_token.expand(B, N - keep, -1)], 1)
+        d_patches = torch.gather(d_patches, 1, restore[..., None].expand(-1, -1, d.shape[-1]))   # original order
+        d = torch.cat([d[:, :1], d_patches], 1) + self.dec_pos
+        for blk in self.dec_blocks:
+            d = blk(d)
+        pred = self.dec_pred(self.dec_norm(d))[:, 1:]                  # (B, N, P*P*3)
+        target = F.unfold(x, P, stride=P).transpose(1, 2)              # (B, N, 3*P*P), same order for every patch
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+        masked = (restore >= keep).float()                             # (B, N) 1 = hidden from the encoder
+        return (((pred - target) ** 2).mean(-1) * masked).sum() / masked.sum()
+
+
+def mae_main(argv):
+    """`python benchmarks/learning.py mae ...`: pre-train the MAE baseline; writes OUT/checkpoint.pth in the layout
+    finetune.py loads (encoders / encoder_args / pool), OUT/config.json and OUT/steps.jsonl."""
+    from torchvision import transforms
+    p = argparse.ArgumentParser(prog="learning.py mae")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1.5e-3)       # peak AdamW lr (MAE: blr 1.5e-4 x batch / 256 at 4096)
+    p.add_argument("--warmup-epochs", type=int, default=1)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--crop-min-scale", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps-per-epoch", type=int, default=0)
+    p.add_argument("--stop-after", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--workers", type=int, default=0)
+    a = p.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    seed_all(a.seed)
+    enc_args = dict(arch="vit", img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3, pos_embed="sincos",
+                    rel_pos="none", init_values=None)
+    enc = VisionTransformer(**{k: v for k, v in enc_args.items() if k not in ("arch", "rel_pos")})
+    model = MAE(enc, mask_ratio=a.mask_ratio)
+    tf = transforms.Compose([transforms.RandomResizedCrop(32, (a.crop_min_scale, 1.0),
+                                                          interpolation=transforms.InterpolationMode.BICUBIC),
+                             transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    ds = build_dataset(a.data, "train", tf, 32)
+    loader = torch.utils.data.DataLoader(ds, a.batch_size, shuffle=True, drop_last=True, num_workers=a.workers,
+                                         generator=torch.Generator().manual_seed(a.seed))
+    spe = min(len(loader), a.steps_per_epoch or len(loader))
+    total = a.epochs * spe
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "token" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "token" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay}, {"params": rest, "weight_decay": 0}],
+                            lr=a.lr, betas=(0.9, 0.95))
+    lrs = cosine_schedule(a.lr, 0.0, total, a.warmup_epochs * spe)
+    progress, it = Progress(total, a.batch_size, a.log_every, a.out), 0
+    for epoch in range(a.epochs):
+        for x, _ in loader:
+            if it == total or (a.stop_after and it == a.stop_after) or it == (epoch + 1) * spe:
+                break
+            for g in opt.param_groups:
+                g["lr"] = lrs[it]
+            loss = model(x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            progress.step(it, epoch, {"loss": loss.detach()}, lrs[it])
+            it += 1
+    torch.save({"encoders": {"encoder": enc.state_dict()}, "encoder_args": enc_args, "default_encoder": "encoder",
+                "pool": "mean"}, os.path.join(a.out, "checkpoint.pth"))
+    Path(a.out, "config.json").write_text(json.dumps({**vars(a), "steps": it}))
+
+
+# ----------------------------------------------------------------------------- runs: calibrate, pre-train
+def run(cmd, log):
+    """One single-threaded subprocess from the repository root; -> seconds. Fails loudly, with its log."""
+    t = time.time()
+    r = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    Path(log).write_text(r.stdout + r.stderr)
+    if r.returncode:
+        raise SystemExit(f"failed ({log}):\n{r.stderr[-2000:]}")
+    return time.time() - t
+
+
+def steps_log(out):
+    path = Path(out) / "steps.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def calibrate(name, data, out, budget, n_train, extra):
+    """Run `name` for 30 steps; -> (epochs that fill `budget` seconds, measurement). Fixed cost = the run's wall time
+    minus its 30 steps at the steady rate (start-up, data, CIM-corrupt's dVAE training)."""
+    cal = out / "calibration.json"
+    if cal.exists():
+        return json.loads(cal.read_text())
+    shutil.rmtree(out / "cal", ignore_errors=True)
+    cmd, _, flags = ROWS[name]
+    secs = run([*cmd, *flags, *extra, "--data", str(data), "--out", str(out / "cal"), "--epochs", "100",
+                "--stop-after", "30", "--log-every", "10", "--workers", "0"], out / "cal.log")
+    logs = steps_log(out / "cal")
+    batch = json.loads((out / "cal" / "config.json").read_text()).get("batch_size", 64)
+    rate = float(np.mean([r["img_s"] for r in logs[1:]]))        # steady img/s: the first log holds start-up
+    fixed = secs - 30 * batch / rate
+    epochs = max(1, round((budget - fixed) * rate / n_train))
+    m = dict(rate_img_s=round(rate, 1), fixed_seconds=round(fixed, 1), batch=batch, epochs=epochs)
+    cal.write_text(json.dumps(m))
+    shutil.rmtree(out / "cal", ignore_errors=True)
+    return m
+
+
+def pretrain(name, data, out, seed, epochs, quick, extra, init=False):
+    """One pre-training run (or with init=True its first step only, at lr 0) -> its OUT folder."""
+    o = out / (f"init_seed{seed}" if init else f"seed{seed}")
+    if (o / "checkpoint.pth").exists() and (o / "done").exists():
+        return o
+    shutil.rmtree(o, ignore_errors=True)
+    o.mkdir(parents=True)
+    cmd, _, flags = ROWS[name]
+    if init and name == "cim_corrupt":   # the dVAE of the trained run, not trained again
+        shutil.copy(out / f"seed{seed}" / "tokenizer.pth", o / "tokenizer.pth")
+    secs = run([*cmd, *flags, *extra, "--data", str(data), "--out", str(o), "--seed", str(seed), "--workers", "0",
+                *(QUICK if quick else ["--epochs", str(epochs)]), *(["--stop-after", "1"] if init else [])],
+               o / "run.log")
+    (o / "done").write_text(json.dumps({"seconds": round(secs, 1)}))
+    return o
+
+
+# ----------------------------------------------------------------------------- evaluation
+def features(pretrained, data, seed=0):
+    """Frozen features of the train and val splits through finetune.py's encoder loading and pooling (cls: final norm;
+    mean: mean patch token, fresh fc_norm), un-augmented (its val transform). -> {split: ({pool: (N, D)}, labels)}."""
+    cfg = Config(mode="knn", pretrained=str(pretrained), data=str(data), img_size=32, device="cpu",
+                 **(dict(arch="vit_tiny", patch_size=4) if pretrained == "random" else {}))
+    seed_all(seed)                                                     # the random rows: one init per seed
+    enc, dim, args = build_encoder(cfg)
+    model = Classifier(enc, dim, 1, "knn", "both", args["arch"] == "vit").eval()   # only .pooled is used
+    tf, out = build_transforms(cfg, 32)[1], {}
+    for split in ("train", "val"):
+        ds = build_dataset(str(data), split, tf, 32)
+        x, y = torch.stack([ds[i][0] for i in range(len(ds))]), torch.tensor([ds[i][1] for i in range(len(ds))])
+        with torch.no_grad():
+            parts = [model.pooled(b) for b in x.split(256)]
+        out[split] = ({k: torch.cat([p[k] for p in parts]) for k in parts[0]}, y)
+    return out
+
+
+def probes(xtr, ytr, xva, yva, steps):
+    """kNN top-1 (finetune.py's DINO 20-NN, T 0.07, L2-normalised) and linear-probe top-1: one linear layer on
+    standardised features, full-batch AdamW (lr 1e-2, wd 1e-4) for `steps` steps; the same for raw pixels."""
+    C = int(ytr.max()) + 1
+    knn = accuracy(knn_classify(xtr, ytr, xva, C), yva)[0]
+    mean, std = xtr.mean(0), xtr.std(0) + 1e-6
+    xtr, xva = (xtr - mean) / std, (xva - mean) / std
+    torch.manual_seed(0)
+    lin = nn.Linear(xtr.shape[1], C)
+    opt = torch.optim.AdamW(lin.parameters(), lr=1e-2, weight_decay=1e-4)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(lin(xtr), ytr).backward()
+        opt.step()
+    with torch.no_grad():
+        return {"knn": round(knn, 1), "linear": round(accuracy(lin(xva), yva)[0], 1)}
+
+
+def evaluate(pretrained, data, steps, seed=0):
+    """-> {pool: {"knn", "linear"}} for cls and mean pooling."""
+    (ftr, ytr), (fva, yva) = features(pretrained, data, seed).values()
+    return {k: probes(ftr[k], ytr, fva[k], yva, steps) for k in ftr}
 
 
 @torch.no_grad()
-def tokenizer_recon(path, data):
-    """cim_corrupt's own dVAE on the held-out split: per-pixel MSE of encode -> decode (images in [0, 1], at the
-    tokenizer's view size) and how many codebook entries those images use."""
+def tokenizer_stats(path, data):
+    """CIM-corrupt's own dVAE on the val split: per-pixel MSE of encode -> decode and codebook entries used."""
     from cim_corrupt import Tokenizer, resize
     ck = torch.load(path, map_location="cpu", weights_only=True)
     tok = Tokenizer(ck["args"]["encoder"], ck["args"]["decoder"], ck["args"]["size"]).eval()
@@ -149,80 +350,114 @@ def tokenizer_recon(path, data):
     x = resize(load_split(data, "val")[0], ck["args"]["size"]).clamp(0, 1)
     ids = torch.cat([tok.encode(b) for b in x.split(64)])
     rec = torch.cat([tok.decode(b) for b in ids.split(64)])
-    return {"tok_mse": ((rec - x) ** 2).mean().item(), "tok_codes_used": int(ids.unique().numel()),
-            "tok_vocab": tok.vocab_size}
+    return {"tok_mse": round(((rec - x) ** 2).mean().item(), 4), "tok_codes": int(ids.unique().numel())}
+
+
+def summary(runs):
+    """Per (pool, probe): mean and spread (max - min) over the seeds' results."""
+    out = {}
+    for pool in runs[0]:
+        for probe in runs[0][pool]:
+            v = [r[pool][probe] for r in runs]
+            out[f"{pool}_{probe}"] = [round(float(np.mean(v)), 1), round(float(np.ptp(v)), 1), v]
+    return out
+
+
+def plot_pretext(rows, out, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [n for n in ROWS if n in rows]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for key in ROWS[name][1]:
+            for i, logs in enumerate(rows[name]["steps_logs"]):
+                pts = [(r["step"], r[key]) for r in logs if key in r]
+                if pts:
+                    ax.plot(*zip(*pts), color=f"C{ROWS[name][1].index(key)}", alpha=0.8,
+                            label=key if i == 0 else None)
+        ax.set_title(name, fontsize=9), ax.set_xlabel("optimizer step", fontsize=8), ax.legend(fontsize=7)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="digits",
-                   help="'digits' (sklearn, offline) or an ImageFolder root with train/ val/")
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--epochs", type=int, default=0,
-                   help="pre-training epochs for every method (0 = its small32 preset)")
+    p.add_argument("--data", default="digits", help="'digits', 'shapes' (both offline) or an ImageFolder root")
+    p.add_argument("--rows", default=",".join(ROWS), help="pre-trained rows, from " + ", ".join(ROWS))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--budget", type=float, default=240, help="wall-clock seconds per pre-training run, one thread")
+    p.add_argument("--jobs", type=int, default=2, help="runs side by side (one thread each)")
     p.add_argument("--linear-steps", type=int, default=300, help="full-batch steps of the linear probe")
-    p.add_argument("--reuse", action="store_true",
-                   help="reuse finished pre-training runs found in --out (evaluation always reruns: seconds)")
-    p.add_argument("--quick", action="store_true",
-                   help="seconds-long run on 20 digits per class: checks the pipeline only")
-    p.add_argument("--out", default="out/learning")
+    p.add_argument("--extra", action="append", default=[], metavar="ROW:FLAGS",
+                   help="extra flags for one row, e.g. 'cim_correlate:--blr 1e-2' (recipe experiments)")
+    p.add_argument("--reuse", action="store_true", help="keep finished runs found in --out")
+    p.add_argument("--quick", action="store_true", help="seconds-long runs on 20 digits per class (tests)")
+    p.add_argument("--out", default="")
     args = p.parse_args()
-    out = Path(args.out).resolve()
+    out = Path(args.out or f"out/learning_{Path(args.data).name}").resolve()
+    if not args.reuse:
+        shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    if args.data == "digits":
-        data = write_digits(out / "digits32_quick", 20) if args.quick else write_digits(out / "digits32")
-    else:
-        data = Path(args.data).resolve()
-    if args.quick:
-        args.linear_steps = 20
-    results = {"data": str(data), "quick": args.quick, "command": " ".join(sys.argv),
-               "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "rows": {}}
-    results["rows"]["raw pixels"] = raw_pixels(data, args)
-    results["rows"]["random ViT-Tiny"] = evaluate("random", data, args, dict(arch="vit_tiny", patch_size=4))
-    short = lambda r: {k: v for k, v in r.items() if k != "per_block"}
-    rows = results["rows"]
-    print(f"raw pixels / random ViT-Tiny: {rows['raw pixels']} / {short(rows['random ViT-Tiny'])}", flush=True)
-    for m in args.methods.split(","):
-        spec, o = METHODS[m], out / m
-        epochs = 1 if args.quick else args.epochs
-        cmd = [f"{m}.py", "--preset", "small32", "--data", str(data), "--out", str(o / "pretrain"),
-               *(["--epochs", str(epochs)] if epochs else []), *spec["args"],
-               *(spec.get("quick", []) + ["--steps-per-epoch", "2"] if args.quick else [])]
-        timing = o / "pretrain_seconds.json"
-        if args.reuse and timing.exists():
-            secs = json.loads(timing.read_text())["seconds"]
-        else:
-            shutil.rmtree(o / "pretrain", ignore_errors=True)   # a fresh run, not a resume of an older one
-            secs = run(cmd, o / "pretrain.log")[0]
-            timing.write_text(json.dumps({"seconds": secs, "command": "python " + " ".join(cmd)}))
-        row = evaluate(o / "pretrain" / "checkpoint.pth", data, args)
-        epochs = json.loads((o / "pretrain" / "config.json").read_text())["epochs"]
-        row.update(pretrain_epochs=epochs, pretrain_seconds=round(secs, 1), pretrain_command="python " + " ".join(cmd))
-        last = json.loads((o / "pretrain" / "log.jsonl").read_text().splitlines()[-1])
-        row["pretrain_last_log"] = {k: v for k, v in last.items() if isinstance(v, (int, float))}
-        if (o / "pretrain" / "tokenizer.pth").exists():   # cim_corrupt: its own dVAE, trained inside the same run
-            row.update(tokenizer_recon(o / "pretrain" / "tokenizer.pth", data))
-        results["rows"][m] = row
-        print(f"{m}: {short(row)}", flush=True)
-        if not args.quick:   # the same model before its first update: step 0 runs at lr 0 (warmup), EMA of equals
-            init = o / "init"
-            if not (args.reuse and (init / "pretrain" / "checkpoint.pth").exists()):
-                shutil.rmtree(init, ignore_errors=True)
-                (init / "pretrain").mkdir(parents=True)
-                if (o / "pretrain" / "tokenizer.pth").exists():   # cim_corrupt: the same dVAE, not trained again
-                    shutil.copy(o / "pretrain" / "tokenizer.pth", init / "pretrain" / "tokenizer.pth")
-                run([*cmd[:6], str(init / "pretrain"), *cmd[7:], "--stop-after", "1"], o / "init.log")
-            results["rows"][f"{m} at init"] = evaluate(init / "pretrain" / "checkpoint.pth", data, args)
-    print(f"\n{'encoder':<22} {'kNN':>6} {'linear':>7} {'best block kNN':>15} {'best block linear':>18} "
-          f"{'pre-train':>12}  notes")
-    for name, r in results["rows"].items():
-        pt = f"{r['pretrain_epochs']} ep {r['pretrain_seconds']:.0f}s" if "pretrain_epochs" in r else "-"
-        bk, bl = (f"{r[k][1]:.1f} (#{r[k][0]})" if k in r else "-" for k in ("best_block_knn", "best_block_linear"))
-        note = (f"dVAE val MSE {r['tok_mse']:.4f}, {r['tok_codes_used']}/{r['tok_vocab']} codes used"
-                if "tok_mse" in r else "")
-        print(f"{name:<22} {r['knn']:>6.1f} {r['linear']:>7.1f} {bk:>15} {bl:>18} {pt:>12}  {note}")
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    cache = ROOT / "out" / "learning_data"
+    data = {"digits": lambda: write_digits(cache / ("digits32_quick" if args.quick else "digits32"),
+                                           20 if args.quick else 0),
+            "shapes": lambda: write_shapes(cache / "shapes32")}.get(args.data, lambda: Path(args.data).resolve())()
+    seeds, names = [int(s) for s in args.seeds.split(",")], args.rows.split(",")
+    extra = {n: [] for n in names}
+    for e in args.extra:
+        n, flags = e.split(":", 1)
+        extra[n] += flags.split()
+    steps = 20 if args.quick else args.linear_steps
+    n_train = len(build_dataset(str(data), "train", None, 32))
+    res = {"data": str(data), "n_train": n_train, "budget_s": args.budget, "seeds": seeds, "quick": args.quick,
+           "command": " ".join(sys.argv), "cpus": os.cpu_count(), "jobs": args.jobs, "date": time.strftime("%Y-%m-%d"),
+           "rows": {}}
+    (xtr, ytr), (xva, yva) = load_split(data, "train"), load_split(data, "val")
+    res["rows"]["raw pixels"] = summary([{"pixels": probes(xtr.flatten(1), ytr, xva.flatten(1), yva, steps)}])
+    pool = ThreadPoolExecutor(args.jobs)
+    cal = {n: {"epochs": 1} if args.quick else None for n in names}
+    todo = [n for n in names if cal[n] is None]
+    cal.update(zip(todo, pool.map(lambda n: calibrate(n, data, out / n, args.budget, n_train, extra[n]), todo)))
+    jobs = [(n, s) for s in seeds for n in names]
+    list(pool.map(lambda j: pretrain(j[0], data, out / j[0], j[1], cal[j[0]]["epochs"], args.quick, extra[j[0]]), jobs))
+    if not args.quick:   # each method's own model before its first update (MAE's is the random ViT-Tiny row)
+        list(pool.map(lambda j: pretrain(j[0], data, out / j[0], j[1], 1, False, extra[j[0]], init=True),
+                      [j for j in jobs if j[0] != "mae"]))
+    torch.set_num_threads(args.jobs)
+    res["rows"]["random ViT-Tiny"] = summary([evaluate("random", data, steps, s) for s in seeds])
+    for n in names:
+        row = res["rows"][n] = summary([evaluate(out / n / f"seed{s}" / "checkpoint.pth", data, steps) for s in seeds])
+        logs = [steps_log(out / n / f"seed{s}") for s in seeds]
+        row.update(calibration=cal[n], extra=extra[n], steps=[lg[-1]["step"] if lg else 0 for lg in logs],
+                   seconds=[json.loads((out / n / f"seed{s}" / "done").read_text())["seconds"] for s in seeds],
+                   final_pretext={k: [lg[-1].get(k) for lg in logs] for k in ROWS[n][1]}, steps_logs=logs)
+        batch = json.loads((out / n / f"seed{seeds[0]}" / "config.json").read_text())["batch_size"]
+        row["images_seen"] = [st * batch for st in row["steps"]]
+        if (out / n / f"seed{seeds[0]}" / "tokenizer.pth").exists():
+            row["tokenizer"] = [tokenizer_stats(out / n / f"seed{s}" / "tokenizer.pth", data) for s in seeds]
+        if not args.quick and n != "mae":
+            inits = [out / n / f"init_seed{s}" / "checkpoint.pth" for s in seeds]
+            res["rows"][f"{n} at init"] = summary([evaluate(path, data, steps) for path in inits])
+    plot_pretext(res["rows"], out / "pretext.png", f"{args.data}: pretext metrics, {len(seeds)} seeds")
+    print(f"\n{Path(args.data).name}, budget {args.budget:.0f} s/run, seeds {args.seeds}: mean (spread max-min)")
+    print(f"{'encoder':<24} {'kNN mean':>12} {'linear mean':>12} {'kNN cls':>12} {'linear cls':>12}  pre-training")
+    for name, r in res["rows"].items():
+        cell = lambda k: f"{r[k][0]:.1f} ({r[k][1]:.1f})" if k in r else "-"
+        keys = ["pixels_knn", "pixels_linear"] if name == "raw pixels" else ["mean_knn", "mean_linear"]
+        info = (f"{np.mean(r['steps']):.0f} steps, {np.mean(r['images_seen']):.0f} img, {np.mean(r['seconds']):.0f} s"
+                if "steps" in r else "")
+        print(f"{name:<24} {cell(keys[0]):>12} {cell(keys[1]):>12} {cell('cls_knn'):>12} "
+              f"{cell('cls_linear'):>12}  {info}")
+    for r in res["rows"].values():
+        r.pop("steps_logs", None)
+    (out / "results.json").write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["mae"]:
+        mae_main(sys.argv[2:])
+    else:
+        main()
