@@ -276,7 +276,7 @@ def named_dataset(name, split, transform):
     try:   # torchvision checks every file's md5 sum first, and downloads only when one is missing or wrong
         ds = cls(root, **which, transform=transform, download=not rank)
     except (RuntimeError, OSError) as e:   # no network (URLError), a partial archive or a bad md5 sum (RuntimeError)
-        fail(f"--data {name}: cannot download or verify {cls.base_folder} in {root} ({str(e).splitlines()[0]}); "
+        fail(f"--data {name}: cannot download or verify {cls.base_folder} in {root} ({' '.join(str(e).split())}); "
              f"delete it and {cls.filename} there to download again, or save {cls.url} there by hand")
     if not rank and wait:
         wait()
