@@ -39,7 +39,7 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, Progress, accum_steps, all_fini
 class Config:
     """Correlational Image Modeling pre-training. Defaults: the released ViT-B/16 values (scripts/dist_pretrain.sh),
     but bf16, clipping 1.0 and no accumulation; --preset vit_base_300ep is the released run."""
-    data: str = "/imagenet"           # ImageFolder root with train/ (or a flat class-folder root); "synthetic" = smoke
+    data: str = "/imagenet"           # ImageFolder (train/ or flat), cifar10, cifar100, stl10 (unlabeled), synthetic
     img_size: int = 224               # search image side (dist_pretrain.sh:44 --input_size)
     arch: str = "vit_base"            # ViT size, or resnet50 with our token neck (dist_pretrain.sh:25 vit_base_patch16)
     depth: int = 0                    # ViT depth override; 0 = the arch's depth
@@ -454,7 +454,7 @@ def main(cfg):
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     accum = accum_steps(cfg.global_batch, cfg.batch_size, world, cfg.accum_iter)
     prepare_out(cfg.out, cfg, __file__)
-    dataset = build_dataset(cfg.data, "train", build_transform(cfg), cfg.img_size)
+    dataset = build_dataset(cfg.data, "pretrain", build_transform(cfg), cfg.img_size)
     loader = build_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device)
     steps_per_epoch = min(len(loader) // accum, cfg.steps_per_epoch or len(loader))   # optimizer steps
     if steps_per_epoch < 1:

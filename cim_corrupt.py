@@ -36,7 +36,7 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, Progress, accum_steps, all_fini
 @dataclasses.dataclass
 class Config:
     """Corrupted Image Modeling pre-training; sources of the defaults and open choices: docs/cim_corrupt.md."""
-    data: str = "/imagenet"       # ImageFolder root with train/ (or a flat class-folder root); "synthetic" = smoke runs
+    data: str = "/imagenet"       # ImageFolder (train/ or flat), cifar10, cifar100, stl10 (unlabeled), synthetic
     img_size: int = 224           # crop side; the dVAE sees the crop resized to 8 * img_size / patch_size (BEiT: 112)
     crop_min_scale: float = 0.08  # RandomResizedCrop area scale (min, 1) of pre-training and dVAE training (BEiT)
     arch: str = "vit_base"        # enhancer, the network you keep: vit_base | resnet50 (paper) | vit_tiny (small runs)
@@ -264,8 +264,8 @@ def build_transform(cfg):
 def train_tokenizer(cfg, rank, world, device, path):
     """DALL-E's dVAE recipe in small on the pre-training tokenizer view (Gumbel tau 1 -> 1/16). Not resumable."""
     tok = new_tokenizer(cfg, tok_size(cfg)).to(device)
-    loader = build_loader(build_dataset(cfg.data, "train", build_transform(cfg), cfg.img_size), cfg.batch_size, world,
-                          rank, cfg.seed, cfg.workers, device)
+    loader = build_loader(build_dataset(cfg.data, "pretrain", build_transform(cfg), cfg.img_size), cfg.batch_size,
+                          world, rank, cfg.seed, cfg.workers, device)
     spe = min(len(loader), cfg.steps_per_epoch or len(loader))
     total, model = cfg.tok_epochs * spe, nn.parallel.DistributedDataParallel(tok) if world > 1 else tok
     opt = torch.optim.AdamW(tok.parameters(), lr=cfg.tok_lr, weight_decay=0.0, fused=device.type == "cuda")
@@ -307,7 +307,7 @@ def main(cfg):
     tokenizer = load_tokenizer(cfg).to(device)                         # METHOD: file errors stop the run here
     if cfg.trust_pickle and not cfg.tokenizer and rank == 0:   # later runs: --tokenizer OUT/tokenizer.pth, no pickle
         save_checkpoint(tokenizer.state(), os.path.join(cfg.out, "tokenizer.pth"))
-    dataset = build_dataset(cfg.data, "train", build_transform(cfg), cfg.img_size)
+    dataset = build_dataset(cfg.data, "pretrain", build_transform(cfg), cfg.img_size)
     loader = build_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device)
     steps_per_epoch = min(len(loader) // accum, cfg.steps_per_epoch or len(loader))   # optimizer steps
     if steps_per_epoch == 0:   # one error line instead of a division by zero below

@@ -26,6 +26,7 @@ except ImportError:
     fcntl = None
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DATASETS = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100, "stl10": datasets.STL10}   # --data NAME
 _held_locks = {}   # --out path -> its open run.lock, flock-ed until this process ends
 
 
@@ -242,10 +243,10 @@ class ImageFolder(datasets.ImageFolder):
 
 
 def skipped_images(dataset):
-    """Unreadable images met so far, summed over loader workers (shared counter) and ranks."""
-    while not hasattr(dataset, "skipped"):   # a Subset: look inside
-        dataset = dataset.dataset
-    return round(reduce_mean(dataset.skipped[0]) * (dist.get_world_size() if dist.is_initialized() else 1))
+    """Unreadable images met so far, summed over loader workers (shared counter) and ranks; 0 for a named set."""
+    dataset = getattr(dataset, "dataset", dataset)   # a Subset: look inside
+    skipped = getattr(dataset, "skipped", torch.zeros(1))   # named sets: arrays in memory are never unreadable
+    return round(reduce_mean(skipped[0]) * (dist.get_world_size() if dist.is_initialized() else 1))
 
 
 class SyntheticImages(datasets.FakeData):
@@ -262,17 +263,40 @@ class SyntheticImages(datasets.FakeData):
         return self.transform(Image.fromarray((img * 255).astype(np.uint8))), idx % self.num_classes
 
 
+def named_dataset(name, split, transform):
+    """torchvision's CIFAR-10/100 (train, val = test) or STL-10 (pretrain = its 100k unlabeled images, train, val =
+    test): PIL RGB images, int labels. Rank 0 downloads what is missing into the cache first, then the others load."""
+    root = os.environ.get("MIMREF_DATASETS") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mimref-datasets")
+    cls, rank, wait = DATASETS[name], int(os.environ.get("RANK", 0)), dist.is_initialized() and dist.barrier
+    if rank and wait:
+        wait()   # until rank 0 has downloaded and md5-checked the files
+    stl = {"pretrain": "unlabeled", "val": "test"}.get(split, split)   # STL-10 pre-trains on its unlabeled images
+    which = {"split": stl} if name == "stl10" else {"train": split != "val"}
+    try:   # torchvision checks every file's md5 sum first, and downloads only when one is missing or wrong
+        ds = cls(root, **which, transform=transform, download=not rank)
+    except (RuntimeError, OSError) as e:   # no network (URLError), a partial archive or a bad md5 sum (RuntimeError)
+        fail(f"--data {name}: cannot download or verify {cls.base_folder} in {root} ({' '.join(str(e).split())}); "
+             f"delete it and {cls.filename} there to download again, or save {cls.url} there by hand")
+    if not rank and wait:
+        wait()
+    return ds
+
+
 def build_dataset(data, split, transform, img_size=224, synthetic_size=512):
-    """`synthetic`, ROOT with ROOT/train and ROOT/val (or validate), or a flat class-folder ROOT (-> None for val)."""
+    """split pretrain | train | val of `synthetic`, a DATASETS name, ROOT with ROOT/train and ROOT/val (or validate),
+    or a flat class-folder ROOT (-> None for val). pretrain = train, except STL-10's unlabeled images."""
     if data == "synthetic":
-        return SyntheticImages(synthetic_size if split == "train" else synthetic_size // 4, img_size, transform)
+        return SyntheticImages(synthetic_size if split != "val" else synthetic_size // 4, img_size, transform)
+    if data in DATASETS:
+        return named_dataset(data, split, transform)
     if not os.path.isdir(data):
-        fail(f"--data {data}: directory does not exist")
-    for name in ([split] if split == "train" else [split, "validate"]):
+        fail(f"--data {data}: directory does not exist (names: synthetic, {', '.join(DATASETS)})")
+    for name in ["train"] if split != "val" else ["val", "validate"]:
         if os.path.isdir(os.path.join(data, name)):
             return ImageFolder(os.path.join(data, name), transform)
     has_split_dirs = any(os.path.isdir(os.path.join(data, n)) for n in ("train", "val", "validate"))
-    return None if split != "train" or has_split_dirs else ImageFolder(data, transform)
+    return None if split == "val" or has_split_dirs else ImageFolder(data, transform)
 
 
 class ResumableSampler(DistributedSampler):

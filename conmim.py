@@ -44,7 +44,7 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, Progress, accum_steps, all_fini
 @dataclasses.dataclass
 class Config:
     """ConMIM pre-training; defaults: ViT-B/16 with the official code's values (see docs/conmim.md)."""
-    data: str = "/imagenet"       # ImageFolder root with train/ (or a flat class-folder root); "synthetic" = smoke runs
+    data: str = "/imagenet"       # ImageFolder (train/ or flat), cifar10, cifar100, stl10 (unlabeled), synthetic
     img_size: int = 224           # crop side (official --input_size 224)
     crop_min_scale: float = 0.08  # RandomResizedCrop area scale (min, 1), shared by both views (official 0.08)
     # model
@@ -378,7 +378,7 @@ def main(cfg):
     global_batch = cfg.batch_size * world * accum
     prepare_out(cfg.out, cfg, __file__)
 
-    dataset = build_dataset(cfg.data, "train", TwoViews(cfg.img_size, cfg.crop_min_scale), cfg.img_size)
+    dataset = build_dataset(cfg.data, "pretrain", TwoViews(cfg.img_size, cfg.crop_min_scale), cfg.img_size)
     loader = build_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device)
     steps_per_epoch = min(len(loader) // accum, cfg.steps_per_epoch or len(loader))   # optimizer steps
     if steps_per_epoch < 1:

@@ -37,7 +37,7 @@ class Config:
     mode: str = "finetune"        # finetune (BEiT/MAE) | linear (MAE linprobe) | knn (DINO); linear sets MAE's defaults
     pretrained: str = ""          # checkpoint.pth of a method file, or "random" for a randomly initialised baseline
     from_: str = ""               # which saved encoder (--from): "" = the checkpoint's default (ConMIM teacher, ...)
-    data: str = "/imagenet"       # root with train/ and val/ (or a flat class-folder root: 10% held out); "synthetic"
+    data: str = "/imagenet"       # root with train/, val/ (or flat: 10% held out), cifar10, cifar100, stl10, synthetic
     img_size: int = 0             # 0 = the pre-training size; other sizes resize positions / bias tables
     arch: str = "vit_base"        # only with --pretrained random
     patch_size: int = 16          # only with --pretrained random
