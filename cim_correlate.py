@@ -112,7 +112,7 @@ class Config:
             decoder_dim=512, decoder_heads=16, decoder_mlp_ratio=4.0),   # models/cim.py:440-441
         "tiny": _TINY,   # CPU smoke run: the release's geometry scaled to 32 px (docs/cim_correlate.md#presets)
         "small32": {**_TINY, "batch_size": 64, "epochs": 16, "warmup_epochs": 1, "log_every": 10, "workers": 2,
-                    "blr": 4e-3, "exemplar_scale_min": 0.15},   # CPU, 32 px real images (docs/cim_correlate.md#presets)
+                    "blr": 4e-4, "exemplar_scale_min": 0.15},   # CPU, 32 px real images (docs/cim_correlate.md#presets)
     }
     PAPER_ROWS = {"vit_base_300ep": "ViT-B/16 300 ep -> 83.1 top-1 after 100 ep fine-tuning (README.md:37@f00e35a)"}
 

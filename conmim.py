@@ -115,7 +115,7 @@ class Config:
                      batch_size=8, epochs=1, warmup_epochs=0, device="cpu", workers=0, log_every=1),
         # CPU learning run (benchmarks/learning.py); each change from the recipe and why: docs/conmim.md
         "small32": dict(arch="vit_tiny", img_size=32, patch_size=4, mask_patch=8, proj_hidden=1024, proj_dim=128,
-                        crop_min_scale=0.5, rel_pos_init=1.0, init_values=0.0, ema=0.99, batch_size=32, lr=1e-3,
+                        crop_min_scale=0.5, rel_pos_init=1.0, init_values=0.0, ema=0.99, batch_size=32, lr=3e-4,
                         warmup_epochs=1, epochs=8, device="cpu", workers=2, log_every=10),
     }
 

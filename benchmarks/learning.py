@@ -8,15 +8,15 @@ on cached features. Rows: raw pixels; a randomly initialised ViT-Tiny (finetune.
 `--preset small32` (ConMIM teacher, CIM-correlate online encoder, CIM-corrupt enhancer) and its own model before its
 first update ("at init"); and MAE (He et al. 2022, arXiv 2111.06377), written below from the paper, on the same
 ViT-Tiny as the random row. Budget: a short calibration run measures each row's steady step rate and its fixed cost
-(start-up, CIM-corrupt's dVAE), and the epochs are set so that the whole run fits the budget.
+(start-up, CIM-corrupt's dVAE), and the run gets the steps that fill the budget.
 
-Data: `digits` (scikit-learn's 8x8 digits, 1,797 images, upsampled to 32x32), `shapes` (ten rendered shapes on crops
-of scikit-learn's two sample photos, random colour, size, place and rotation: raw pixels do poorly), or an ImageFolder
-root with train/ and val/. scikit-learn is a benchmark extra, never a runtime dependency.
+Data: `digits` (scikit-learn's 8x8 digits, 1,797 images, upsampled to 32x32), `shapes` (ten rendered shapes of random
+colour, size and place on grey crops of scikit-learn's two sample photos, 3,000 + 1,000 images: raw pixels do poorly),
+or an ImageFolder root with train/ and val/. scikit-learn is a benchmark extra, never a runtime dependency.
 
-    python benchmarks/learning.py --data shapes               # all rows, 3 seeds, 4 min each (~1.5 h on 2 cores)
-    python benchmarks/learning.py --data digits --rows conmim,mae --seeds 0 --budget 120
-    python benchmarks/learning.py --data shapes --reuse       # re-read finished runs in --out: evaluation only
+    python benchmarks/learning.py --data shapes               # all rows, 3 seeds, 300 s each (~50 min on 2 cores)
+    python benchmarks/learning.py --data digits --rows conmim,mae --seeds 0 --extra "conmim:--lr 1e-4"
+    python benchmarks/learning.py --data shapes --reuse       # keep finished runs in --out, run the rest, evaluate
     python benchmarks/learning.py --quick                     # ~1 min: keeps the pipeline working (tests)
     python benchmarks/learning.py mae --data DIR --out DIR    # the MAE baseline alone (called by the above)
 
@@ -41,7 +41,7 @@ from finetune import (Block, Classifier, Config, VisionTransformer, accuracy, bu
 # row -> (command, pretext metrics in OUT/steps.jsonl, extra flags). Every row runs on one thread, no loader workers.
 ROWS = {"conmim": (["conmim.py", "--preset", "small32"], ["acc"], []),
         "cim_correlate": (["cim_correlate.py", "--preset", "small32"], ["iou"], []),
-        "cim_corrupt": (["cim_corrupt.py", "--preset", "small32"], ["gen_acc", "det_acc", "loss_enh"], []),
+        "cim_corrupt": (["cim_corrupt.py", "--preset", "small32"], ["gen_acc", "replaced", "loss_enh"], []),
         "mae": (["benchmarks/learning.py", "mae"], ["loss"], [])}
 QUICK = ["--steps-per-epoch", "2", "--epochs", "1"]
 
@@ -90,13 +90,14 @@ def shape_polygon(name, rng):
     return None
 
 
+CONTRAST, SIZE, ROTATE, COLOR_BG = 0.4, (0.5, 0.85), 15, False   # measured choices: benchmarks/README.md
 SHAPES = ["circle", "ring", "triangle", "square", "diamond", "hexagon", "star", "cross", "arrow", "halfdisc"]
 
 
 def write_shapes(out, train_per_class=300, val_per_class=100, size=32):
-    """Ten rendered shapes, one per class, each of random colour, size (35-70% of the side), place and rotation, on a
-    random crop of one of scikit-learn's two sample photos (random scale, channel order and brightness); drawn at 4x
-    and downsampled. Deterministic (seed 0). -> out/{train,val}/<shape>/*.png."""
+    """Ten rendered shapes, one per class, each of random colour, size (SIZE of the side), place and rotation (up to
+    ROTATE degrees), on a random crop (random scale) of one of scikit-learn's two sample photos, grey, at CONTRAST of
+    its contrast; drawn at 4x and downsampled. Deterministic (seed 0). -> out/{train,val}/<shape>/*.png."""
     from sklearn.datasets import load_sample_images
     if (out / "done").exists():
         return out
@@ -106,12 +107,13 @@ def write_shapes(out, train_per_class=300, val_per_class=100, size=32):
             (out / split / name).mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 photo = photos[rng.integers(2)]
-                side = int(rng.integers(48, 300))
+                side = int(rng.integers(64, 400))
                 x0, y0 = rng.integers(0, photo.width - side), rng.integers(0, photo.height - side)
                 bg = np.asarray(photo.crop((x0, y0, x0 + side, y0 + side)).resize((S, S), Image.BILINEAR), np.float32)
-                bg = np.clip(bg[..., rng.permutation(3)] * rng.uniform(0.6, 1.3), 0, 255)
+                bg = bg[..., rng.permutation(3)] if COLOR_BG else bg.mean(-1, keepdims=True).repeat(3, -1)
+                bg = np.clip(bg.mean() + CONTRAST * (bg - bg.mean()), 0, 255)   # a textured but quieter background
                 img = Image.fromarray(np.uint8(bg))
-                r = S * rng.uniform(0.35, 0.7) / 2
+                r = S * rng.uniform(SIZE[0], SIZE[1]) / 2
                 cx, cy = rng.uniform(r, S - r, size=2)
                 color = tuple(int(v) for v in rng.integers(0, 256, 3))
                 draw, poly = ImageDraw.Draw(img), shape_polygon(name, rng)
@@ -122,7 +124,7 @@ def write_shapes(out, train_per_class=300, val_per_class=100, size=32):
                         draw.ellipse((cx - r / 2, cy - ry / 2, cx + r / 2, cy + ry / 2), fill=tuple(
                             int(v) for v in bg[int(cy), int(cx)]))
                 else:
-                    a = rng.uniform(0, 2 * math.pi)
+                    a = math.radians(rng.uniform(-ROTATE, ROTATE))
                     ca, sa = math.cos(a), math.sin(a)
                     draw.polygon([(cx + r * (px * ca - py * sa), cy + r * (px * sa + py * ca)) for px, py in poly],
                                  fill=color)
@@ -193,7 +195,7 @@ def mae_main(argv):
     p.add_argument("--out", required=True)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1.5e-3)       # peak AdamW lr (MAE: blr 1.5e-4 x batch / 256 at 4096)
+    p.add_argument("--lr", type=float, default=5e-4)         # peak AdamW lr; measured: benchmarks/README.md
     p.add_argument("--warmup-epochs", type=int, default=1)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--mask-ratio", type=float, default=0.75)
@@ -260,8 +262,8 @@ def steps_log(out):
 
 
 def calibrate(name, data, out, budget, n_train, extra):
-    """Run `name` for 30 steps; -> (epochs that fill `budget` seconds, measurement). Fixed cost = the run's wall time
-    minus its 30 steps at the steady rate (start-up, data, CIM-corrupt's dVAE training)."""
+    """Run `name` for 30 steps -> {rate, fixed cost, batch}. Fixed cost: the run's wall time minus its 30 steps at the
+    steady rate (start-up, data, CIM-corrupt's dVAE training)."""
     cal = out / "calibration.json"
     if cal.exists():
         return json.loads(cal.read_text())
@@ -272,26 +274,33 @@ def calibrate(name, data, out, budget, n_train, extra):
     logs = steps_log(out / "cal")
     batch = json.loads((out / "cal" / "config.json").read_text()).get("batch_size", 64)
     rate = float(np.mean([r["img_s"] for r in logs[1:]]))        # steady img/s: the first log holds start-up
-    fixed = secs - 30 * batch / rate
-    epochs = max(1, round((budget - fixed) * rate / n_train))
-    m = dict(rate_img_s=round(rate, 1), fixed_seconds=round(fixed, 1), batch=batch, epochs=epochs)
+    m = dict(rate_img_s=round(rate, 1), fixed_seconds=round(secs - 30 * batch / rate, 1), batch=batch)
     cal.write_text(json.dumps(m))
     shutil.rmtree(out / "cal", ignore_errors=True)
     return m
 
 
-def pretrain(name, data, out, seed, epochs, quick, extra, init=False):
+def schedule(cal, budget, n_train, min_epochs=10):
+    """Steps that fill the budget, as at least `min_epochs` epochs of equal length (an epoch is then a part of a pass
+    when the budget holds fewer passes): every row warms up for the same share of its run (warmup_epochs / epochs).
+    -> flags for the method file."""
+    steps = max(min_epochs, int((budget - max(cal["fixed_seconds"], 0)) * cal["rate_img_s"] / cal["batch"]))
+    epochs = max(min_epochs, math.ceil(steps / (n_train // cal["batch"])))
+    return ["--epochs", str(epochs), "--steps-per-epoch", str(steps // epochs)]
+
+
+def pretrain(name, data, out, seed, flags, extra, init=False):
     """One pre-training run (or with init=True its first step only, at lr 0) -> its OUT folder."""
     o = out / (f"init_seed{seed}" if init else f"seed{seed}")
     if (o / "checkpoint.pth").exists() and (o / "done").exists():
         return o
     shutil.rmtree(o, ignore_errors=True)
     o.mkdir(parents=True)
-    cmd, _, flags = ROWS[name]
+    cmd, _, row_flags = ROWS[name]
     if init and name == "cim_corrupt":   # the dVAE of the trained run, not trained again
         shutil.copy(out / f"seed{seed}" / "tokenizer.pth", o / "tokenizer.pth")
-    secs = run([*cmd, *flags, *extra, "--data", str(data), "--out", str(o), "--seed", str(seed), "--workers", "0",
-                *(QUICK if quick else ["--epochs", str(epochs)]), *(["--stop-after", "1"] if init else [])],
+    secs = run([*cmd, *row_flags, *extra, "--data", str(data), "--out", str(o), "--seed", str(seed), "--workers", "0",
+                *flags, *(["--stop-after", "1"] if init else [])],
                o / "run.log")
     (o / "done").write_text(json.dumps({"seconds": round(secs, 1)}))
     return o
@@ -388,7 +397,7 @@ def main():
     p.add_argument("--data", default="digits", help="'digits', 'shapes' (both offline) or an ImageFolder root")
     p.add_argument("--rows", default=",".join(ROWS), help="pre-trained rows, from " + ", ".join(ROWS))
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--budget", type=float, default=240, help="wall-clock seconds per pre-training run, one thread")
+    p.add_argument("--budget", type=float, default=300, help="wall-clock seconds per pre-training run, one thread")
     p.add_argument("--jobs", type=int, default=2, help="runs side by side (one thread each)")
     p.add_argument("--linear-steps", type=int, default=300, help="full-batch steps of the linear probe")
     p.add_argument("--extra", action="append", default=[], metavar="ROW:FLAGS",
@@ -398,14 +407,16 @@ def main():
     p.add_argument("--out", default="")
     args = p.parse_args()
     out = Path(args.out or f"out/learning_{Path(args.data).name}").resolve()
-    if not args.reuse:
-        shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     cache = ROOT / "out" / "learning_data"
     data = {"digits": lambda: write_digits(cache / ("digits32_quick" if args.quick else "digits32"),
                                            20 if args.quick else 0),
             "shapes": lambda: write_shapes(cache / "shapes32")}.get(args.data, lambda: Path(args.data).resolve())()
     seeds, names = [int(s) for s in args.seeds.split(",")], args.rows.split(",")
+    if unknown := set(names) - set(ROWS):
+        raise SystemExit(f"--rows: unknown {', '.join(sorted(unknown))} (choose from {', '.join(ROWS)})")
+    for n in names if not args.reuse else []:   # fresh runs: only this benchmark's own folders are removed
+        shutil.rmtree(out / n, ignore_errors=True)
     extra = {n: [] for n in names}
     for e in args.extra:
         n, flags = e.split(":", 1)
@@ -418,20 +429,21 @@ def main():
     (xtr, ytr), (xva, yva) = load_split(data, "train"), load_split(data, "val")
     res["rows"]["raw pixels"] = summary([{"pixels": probes(xtr.flatten(1), ytr, xva.flatten(1), yva, steps)}])
     pool = ThreadPoolExecutor(args.jobs)
-    cal = {n: {"epochs": 1} if args.quick else None for n in names}
-    todo = [n for n in names if cal[n] is None]
-    cal.update(zip(todo, pool.map(lambda n: calibrate(n, data, out / n, args.budget, n_train, extra[n]), todo)))
+    cal = {n: {} for n in names} if args.quick else dict(zip(names, pool.map(
+        lambda n: calibrate(n, data, out / n, args.budget, n_train, extra[n]), names)))
+    flags = {n: QUICK if args.quick else schedule(cal[n], args.budget, n_train) for n in names}
     jobs = [(n, s) for s in seeds for n in names]
-    list(pool.map(lambda j: pretrain(j[0], data, out / j[0], j[1], cal[j[0]]["epochs"], args.quick, extra[j[0]]), jobs))
+    list(pool.map(lambda j: pretrain(j[0], data, out / j[0], j[1], flags[j[0]], extra[j[0]]), jobs))
     if not args.quick:   # each method's own model before its first update (MAE's is the random ViT-Tiny row)
-        list(pool.map(lambda j: pretrain(j[0], data, out / j[0], j[1], 1, False, extra[j[0]], init=True),
+        list(pool.map(lambda j: pretrain(j[0], data, out / j[0], j[1], flags[j[0]], extra[j[0]], init=True),
                       [j for j in jobs if j[0] != "mae"]))
     torch.set_num_threads(args.jobs)
     res["rows"]["random ViT-Tiny"] = summary([evaluate("random", data, steps, s) for s in seeds])
     for n in names:
         row = res["rows"][n] = summary([evaluate(out / n / f"seed{s}" / "checkpoint.pth", data, steps) for s in seeds])
         logs = [steps_log(out / n / f"seed{s}") for s in seeds]
-        row.update(calibration=cal[n], extra=extra[n], steps=[lg[-1]["step"] if lg else 0 for lg in logs],
+        row.update(calibration=cal[n], flags=flags[n], extra=extra[n],
+                   steps=[lg[-1]["step"] if lg else 0 for lg in logs],
                    seconds=[json.loads((out / n / f"seed{s}" / "done").read_text())["seconds"] for s in seeds],
                    final_pretext={k: [lg[-1].get(k) for lg in logs] for k in ROWS[n][1]}, steps_logs=logs)
         batch = json.loads((out / n / f"seed{seeds[0]}" / "config.json").read_text())["batch_size"]

@@ -23,14 +23,14 @@ def test_mae_fits_one_batch_and_scores_only_hidden_patches():
     enc = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, pos_embed="sincos")
     mae = learning.MAE(enc, dec_dim=16, dec_depth=1, dec_heads=2)
     x = torch.randn(4, 3, 16, 16)
-    opt = torch.optim.Adam(mae.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(mae.parameters(), lr=1e-2)
     losses = []
-    for _ in range(40):
+    for _ in range(80):
         torch.manual_seed(1)                       # the same mask every step
         loss = mae(x)
         opt.zero_grad(), loss.backward(), opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0], losses[::10]
+    assert losses[-1] < 0.5 * losses[0], losses[::20]
     # changing only the patches the encoder sees (same seed = same mask) leaves the target of the loss unchanged:
     # the loss moves only through the encoder input, so a model that ignores its input gives the same loss
     torch.manual_seed(1)
@@ -39,7 +39,7 @@ def test_mae_fits_one_batch_and_scores_only_hidden_patches():
     for b in range(4):
         for p in keep[b].tolist():
             r, c = divmod(p, 4)
-            x2[b, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4] += 5.0
+            x2[b, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4] = torch.randn(3, 4, 4)   # new content, not an offset
     enc.patch_embed.proj.weight.data.zero_(), enc.patch_embed.proj.bias.data.zero_()   # input-blind model
     with torch.no_grad():
         torch.manual_seed(1)
