@@ -14,7 +14,7 @@ Data: `digits` (scikit-learn's 8x8 digits, 1,797 images, upsampled to 32x32), `s
 colour, size and place on grey crops of scikit-learn's two sample photos, 3,000 + 1,000 images: raw pixels do poorly),
 or an ImageFolder root with train/ and val/. scikit-learn is a benchmark extra, never a runtime dependency.
 
-    python benchmarks/learning.py --data shapes               # all rows, 3 seeds, 300 s each (~50 min on 2 cores)
+    python benchmarks/learning.py --data shapes               # all rows, 3 seeds, 300 s each (~40 min on 2 cores)
     python benchmarks/learning.py --data digits --rows conmim,mae --seeds 0 --extra "conmim:--lr 1e-4"
     python benchmarks/learning.py --data shapes --reuse       # keep finished runs in --out, run the rest, evaluate
     python benchmarks/learning.py --quick                     # ~1 min: keeps the pipeline working (tests)
@@ -261,7 +261,7 @@ def steps_log(out):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def calibrate(name, data, out, budget, n_train, extra):
+def calibrate(name, data, out, extra):
     """Run `name` for 30 steps -> {rate, fixed cost, batch}. Fixed cost: the run's wall time minus its 30 steps at the
     steady rate (start-up, data, CIM-corrupt's dVAE training)."""
     cal = out / "calibration.json"
@@ -282,8 +282,7 @@ def calibrate(name, data, out, budget, n_train, extra):
 
 def schedule(cal, budget, n_train, min_epochs=10):
     """Steps that fill the budget, as at least `min_epochs` epochs of equal length (an epoch is then a part of a pass
-    when the budget holds fewer passes): every row warms up for the same share of its run (warmup_epochs / epochs).
-    -> flags for the method file."""
+    when the budget holds fewer passes), so that a 1-epoch warmup is at most a tenth of any run. -> method flags."""
     steps = max(min_epochs, int((budget - max(cal["fixed_seconds"], 0)) * cal["rate_img_s"] / cal["batch"]))
     epochs = max(min_epochs, math.ceil(steps / (n_train // cal["batch"])))
     return ["--epochs", str(epochs), "--steps-per-epoch", str(steps // epochs)]
@@ -300,8 +299,7 @@ def pretrain(name, data, out, seed, flags, extra, init=False):
     if init and name == "cim_corrupt":   # the dVAE of the trained run, not trained again
         shutil.copy(out / f"seed{seed}" / "tokenizer.pth", o / "tokenizer.pth")
     secs = run([*cmd, *row_flags, *extra, "--data", str(data), "--out", str(o), "--seed", str(seed), "--workers", "0",
-                *flags, *(["--stop-after", "1"] if init else [])],
-               o / "run.log")
+                *flags, *(["--stop-after", "1"] if init else [])], o / "run.log")
     (o / "done").write_text(json.dumps({"seconds": round(secs, 1)}))
     return o
 
@@ -419,7 +417,9 @@ def main():
         shutil.rmtree(out / n, ignore_errors=True)
     extra = {n: [] for n in names}
     for e in args.extra:
-        n, flags = e.split(":", 1)
+        n, flags = e.split(":", 1) if ":" in e else (e, "")
+        if n not in extra:
+            raise SystemExit(f"--extra {e}: expected ROW:FLAGS with ROW one of {', '.join(names)}")
         extra[n] += flags.split()
     steps = 20 if args.quick else args.linear_steps
     n_train = len(build_dataset(str(data), "train", None, 32))
@@ -430,7 +430,7 @@ def main():
     res["rows"]["raw pixels"] = summary([{"pixels": probes(xtr.flatten(1), ytr, xva.flatten(1), yva, steps)}])
     pool = ThreadPoolExecutor(args.jobs)
     cal = {n: {} for n in names} if args.quick else dict(zip(names, pool.map(
-        lambda n: calibrate(n, data, out / n, args.budget, n_train, extra[n]), names)))
+        lambda n: calibrate(n, data, out / n, extra[n]), names)))
     flags = {n: QUICK if args.quick else schedule(cal[n], args.budget, n_train) for n in names}
     jobs = [(n, s) for s in seeds for n in names]
     list(pool.map(lambda j: pretrain(j[0], data, out / j[0], j[1], flags[j[0]], extra[j[0]]), jobs))
