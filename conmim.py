@@ -12,7 +12,7 @@ A student ViT sees the weakly augmented view with patches replaced by a mask tok
 strongly augmented view. Each masked student patch feature must find the teacher feature at its own position among
 all patches of the same image (InfoNCE, tau 0.1). No tokenizer, no pixel targets. finetune.py fine-tunes the teacher.
 Result: ImageNet not measured (paper Table 1: ViT-B/16 300 ep -> 83.5). Measured 2026-11-27 on a 2-core CPU: small32
-preset on sklearn digits, 4 epochs: loss 4.20 -> ~3.0, masked look-up accuracy 0.02 -> 0.15 (docs/conmim.md).
+on sklearn digits, 300 s (220 steps, 3 seeds): teacher kNN 68.7 vs 56.7 at init (benchmarks/README.md).
 
 Sections: config | masking | loss | projector, teacher, EMA | model | data | training loop, main |
 appendix: BEiT-style ViT, visualisation, argument checks.
