@@ -205,7 +205,7 @@ def crop_exemplars(images, angle, center, half, size, flip=None, supersample=2):
     b, cx, cy = half[..., 1], center[..., 0], center[..., 1]
     theta = torch.stack([a * cos, -b * sin, cx, a * sin, b * cos, cy], -1).view(B * E, 2, 3)   # (B*E, 2, 3)
     grid = F.affine_grid(theta, [B * E, 1, n, n], align_corners=False)                         # (B*E, n, n, 2)
-    out = F.grid_sample(images, grid.view(B, E * n, n, 2), mode="bilinear", padding_mode="border",
+    out = F.grid_sample(images, grid.view(B, E * n, n, 2).to(images.dtype), mode="bilinear", padding_mode="border",
                         align_corners=False)                                                    # (B, 3, E*n, n)
     out = F.avg_pool2d(out.view(B, 3 * E, n, n), supersample)                                   # (B, 3E, size, size)
     return out.view(B, 3, E, size, size).transpose(1, 2)                                        # (B, E, 3, size, size)

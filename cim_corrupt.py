@@ -44,6 +44,7 @@ class Config:
     patch_size: int = 16          # token stride: ViT patch = generator patch = one dVAE cell; ResNet sees 16 px/token
     pos_embed: str = "none"       # ViT absolute positions: none (BEiT pre-training) | learned
     init_values: float = 0.1      # ViT layer scale (BEiT base); 0 = off
+    init: str = "beit"            # ViT enhancer weight init: beit (BEiT) | xavier (MAE-style; docs/cim_corrupt.md)
     drop_path: float = 0.1        # stochastic depth of the enhancer and generator ViTs (BEiT base)
     objective: str = "respix"     # respix: regress all original pixels | revdet: replaced-or-not per token (Sec. 1)
     lam: float = 1.0              # L_gen + lam * L_enh (open choice); matters only with --gen-share-blocks or clipping
@@ -92,21 +93,18 @@ class Config:
     paper_row: str = ""           # the paper row a preset reproduces, printed in the recipe line
 
     CHOICES = {"arch": ("vit_tiny", "vit_base", "resnet50"), "objective": ("respix", "revdet"),
-               "amp": ("bf16", "fp16", "off"), "pos_embed": ("none", "learned")}
-    # tiny: CPU smoke test with a random dVAE (docs/cim_corrupt.md, "Small presets")
+               "amp": ("bf16", "fp16", "off"), "pos_embed": ("none", "learned"), "init": ("beit", "xavier")}
     _TINY = dict(arch="vit_tiny", img_size=32, patch_size=4, batch_size=8, device="cpu", workers=0, epochs=1,
                  log_every=1, warmup_epochs=0, drop_path=0.0, blr=1.5e-2, gen_depth=2, gen_dim=192, tokenizer="random",
                  tok_vocab=512, tok_hid=64, tok_blocks=1, respix_window=4)
     _PAPER = dict(epochs=300, global_batch=2048, paper_batch=2048)
     PRESETS = {
-        # paper rows (epochs, top-1 are not in the paper text we hold); batch 2048 etc.: BEiT's recipe (docs)
         "vit_base_300ep": dict(_PAPER, arch="vit_base", paper_row="ViT-B/16 300 ep -> 83.3 top-1 (not in our text)"),
         "resnet50_300ep": dict(_PAPER, arch="resnet50", paper_row="ResNet-50 300 ep -> 80.6 top-1 (not in our text)"),
         "tiny": _TINY,
-        # small32: 32x32 real images, trains its own dVAE first (docs/cim_corrupt.md, "Small presets")
         "small32": dict(_TINY, tokenizer="", train_tokenizer=True, tok_hid=16, tok_epochs=4, tok_lr=3e-3,
                         crop_min_scale=0.5, respix_window=16, batch_size=32, epochs=12, warmup_epochs=1, log_every=10,
-                        workers=2, blr=8e-3),
+                        workers=2, blr=8e-3, init="xavier", init_values=0.0),
     }
 
 
@@ -129,8 +127,7 @@ def corrupt_tokens(ids, mask, sampled):
 
 
 def window_norm(x, k, eps=0.01):
-    """ResPix target: pixels normalised by mean / std of their k x k window (reflect pad). -> target, mean, std.
-    eps floors the variance: with 1e-6 a flat window with one pixel off by one grey level gives a target of 7."""
+    """ResPix target: x normalised by mean / std of its k x k window (reflect pad; eps: docs) -> target, mean, std"""
     xp = F.pad(x.float(), (k // 2, (k - 1) // 2, k // 2, (k - 1) // 2), mode="reflect")
     mean = F.avg_pool2d(xp, k, stride=1)
     std = (F.avg_pool2d(xp * xp, k, stride=1) - mean * mean).clamp(min=0).add(eps).sqrt()
@@ -180,6 +177,9 @@ class CIM(nn.Module):
             kw = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=D, depth=cfg.depth or depth,
                       num_heads=heads, pos_embed=cfg.pos_embed, init_values=cfg.init_values or None)
             self.enhancer, self.enh_size = VisionTransformer(**kw, drop_path=cfg.drop_path), cfg.img_size
+            for m in self.enhancer.modules() if cfg.init == "xavier" else []:   # MAE's init replaces BEiT's
+                if isinstance(m, (nn.Linear, nn.Conv2d)):
+                    nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))   # biases stay 0
             self.encoder_args = {"arch": "vit", **kw, "rel_pos": "shared"}   # what finetune.py builds
         self.P = self.enh_size // self.grid                                # enhancer pixels per token side
         self.enhancer_head = nn.Linear(D, 3 * self.P ** 2 if cfg.objective == "respix" else 1)   # per token
@@ -476,8 +476,7 @@ def beit_init(vit, mask_token=None, head=None):
 
 
 def to_timm_layout(sd):
-    """Enhancer keys -> timm's beit_*: the shared table copied into every block (as BEiT fine-tuning does), qkv.bias
-    split into q_bias / v_bias (the k bias is dropped: softmax ignores a per-query constant)."""
+    """Enhancer keys -> timm's beit_*: shared table copied into every block, qkv.bias -> q_bias / v_bias (docs)."""
     sd = dict(sd)
     table = sd.pop("rel_pos_bias.relative_position_bias_table")
     for k in [k for k in sd if k.startswith("blocks.")]:

@@ -268,19 +268,22 @@ def named_dataset(name, split, transform):
     test): PIL RGB images, int labels. Rank 0 downloads what is missing into the cache first, then the others load."""
     root = os.environ.get("MIMREF_DATASETS") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mimref-datasets")
-    cls, rank, wait = DATASETS[name], int(os.environ.get("RANK", 0)), dist.is_initialized() and dist.barrier
-    if rank and wait:
-        wait()   # until rank 0 has downloaded and md5-checked the files
+    cls, rank, ds, err = DATASETS[name], int(os.environ.get("RANK", 0)), None, ""
     stl = {"pretrain": "unlabeled", "val": "test"}.get(split, split)   # STL-10 pre-trains on its unlabeled images
     which = {"split": stl} if name == "stl10" else {"train": split != "val"}
-    try:   # torchvision checks every file's md5 sum first, and downloads only when one is missing or wrong
-        ds = cls(root, **which, transform=transform, download=not rank)
-    except (RuntimeError, OSError) as e:   # no network (URLError), a partial archive or a bad md5 sum (RuntimeError)
-        fail(f"--data {name}: cannot download or verify {cls.base_folder} in {root} ({' '.join(str(e).split())}); "
-             f"delete it and {cls.filename} there to download again, or save {cls.url} there by hand")
-    if not rank and wait:
-        wait()
-    return ds
+    if not rank:
+        try:   # torchvision checks every file's md5 sum first, and downloads only when one is missing or wrong
+            ds = cls(root, **which, transform=transform, download=True)
+        except (RuntimeError, OSError) as e:   # no network (URLError), a partial archive or a bad md5 sum
+            err = (f"--data {name}: cannot download or verify {cls.base_folder} in {root} ({' '.join(str(e).split())}"
+                   f"); delete it and {cls.filename} there to download again, or save {cls.url} there by hand")
+    if not (all_finite(torch.tensor(not err)) if dist.is_initialized() else not err):   # the others wait for rank 0
+        raise SystemExit(f"error: {err}" if err else 1)   # one line, from rank 0; the other ranks leave quietly
+    try:
+        return ds if ds is not None else cls(root, **which, transform=transform)
+    except RuntimeError:   # torchvision's "not found or corrupted": rank 0 filled another machine's cache
+        fail(f"--data {name}: rank {rank} finds no verified copy in {root}; set MIMREF_DATASETS to a folder every node "
+             f"shares (rank 0 downloads), or copy rank 0's there")
 
 
 def build_dataset(data, split, transform, img_size=224, synthetic_size=512):

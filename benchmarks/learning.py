@@ -8,7 +8,9 @@ on cached features. Rows: raw pixels; a randomly initialised ViT-Tiny (finetune.
 `--preset small32` (ConMIM teacher, CIM-correlate online encoder, CIM-corrupt enhancer) and its own model before its
 first update ("at init"); and MAE (He et al. 2022, arXiv 2111.06377), written below from the paper, on the same
 ViT-Tiny as the random row. Budget: a short calibration run measures each row's steady step rate and its fixed cost
-(start-up, CIM-corrupt's dVAE), and the run gets the steps that fill the budget.
+(start-up), and the run gets the steps that fill the budget. CIM-corrupt's dVAE is trained before and outside it (the
+paper's is DALL-E's, trained elsewhere); its seconds are reported apart. `--device cuda`: the same on one GPU (bf16
+autocast, one loader thread per run; features for the probes on the GPU), for many more steps in the same budget.
 
 Data: `digits` (scikit-learn's 8x8 digits, 1,797 images, upsampled to 32x32), `shapes` (ten rendered shapes of random
 colour, size and place on grey crops of scikit-learn's two sample photos, 3,000 + 1,000 images: raw pixels do poorly),
@@ -17,6 +19,7 @@ or an ImageFolder root with train/ and val/. scikit-learn is a benchmark extra, 
     python benchmarks/learning.py --data shapes               # all rows, 3 seeds, 300 s each (~40 min on 2 cores)
     python benchmarks/learning.py --data digits --rows conmim,mae --seeds 0 --extra "conmim:--lr 1e-4"
     python benchmarks/learning.py --data shapes --reuse       # keep finished runs in --out, run the rest, evaluate
+    python benchmarks/learning.py --data shapes --seeds 0 --budget 200 --jobs 4 --device cuda   # more steps, one GPU
     python benchmarks/learning.py --quick                     # ~1 min: keeps the pipeline working (tests)
     python benchmarks/learning.py mae --data DIR --out DIR    # the MAE baseline alone (called by the above)
 
@@ -205,13 +208,14 @@ def mae_main(argv):
     p.add_argument("--stop-after", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default="cpu")                # cuda: bf16 autocast, like the method files
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     seed_all(a.seed)
     enc_args = dict(arch="vit", img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3, pos_embed="sincos",
                     rel_pos="none", init_values=None)
     enc = VisionTransformer(**{k: v for k, v in enc_args.items() if k not in ("arch", "rel_pos")})
-    model = MAE(enc, mask_ratio=a.mask_ratio)
+    model = MAE(enc, mask_ratio=a.mask_ratio).to(a.device)
     tf = transforms.Compose([transforms.RandomResizedCrop(32, (a.crop_min_scale, 1.0),
                                                           interpolation=transforms.InterpolationMode.BICUBIC),
                              transforms.RandomHorizontalFlip(), transforms.ToTensor(),
@@ -224,7 +228,7 @@ def mae_main(argv):
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "token" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "token" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay}, {"params": rest, "weight_decay": 0}],
-                            lr=a.lr, betas=(0.9, 0.95))
+                            lr=a.lr, betas=(0.9, 0.95), fused=a.device.startswith("cuda"))
     lrs = cosine_schedule(a.lr, 0.0, total, a.warmup_epochs * spe)
     progress, it = Progress(total, a.batch_size, a.log_every, a.out), 0
     for epoch in range(a.epochs):
@@ -233,7 +237,8 @@ def mae_main(argv):
                 break
             for g in opt.param_groups:
                 g["lr"] = lrs[it]
-            loss = model(x)
+            with torch.autocast("cuda", torch.bfloat16, enabled=a.device.startswith("cuda")):
+                loss = model(x.to(a.device, non_blocking=True))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -263,12 +268,15 @@ def steps_log(out):
 
 def calibrate(name, data, out, extra):
     """Run `name` for 30 steps -> {rate, fixed cost, batch}. Fixed cost: the run's wall time minus its 30 steps at the
-    steady rate (start-up, data, CIM-corrupt's dVAE training)."""
+    steady rate (start-up, data)."""
     cal = out / "calibration.json"
     if cal.exists():
         return json.loads(cal.read_text())
     shutil.rmtree(out / "cal", ignore_errors=True)
     cmd, _, flags = ROWS[name]
+    if name == "cim_corrupt":
+        (out / "cal").mkdir(parents=True)
+        shutil.copy(tokenizer(data, out, 0, extra) / "tokenizer.pth", out / "cal" / "tokenizer.pth")
     secs = run([*cmd, *flags, *extra, "--data", str(data), "--out", str(out / "cal"), "--epochs", "100",
                 "--stop-after", "30", "--log-every", "10", "--workers", "0"], out / "cal.log")
     logs = steps_log(out / "cal")
@@ -288,6 +296,20 @@ def schedule(cal, budget, n_train, min_epochs=10):
     return ["--epochs", str(epochs), "--steps-per-epoch", str(steps // epochs)]
 
 
+def tokenizer(data, out, seed, extra):
+    """CIM-corrupt's dVAE, trained before and outside the timed run (`--epochs 0`: tokenizer only; its full passes,
+    not the benchmark's short epochs): the paper's dVAE is DALL-E's, trained elsewhere and frozen. -> its folder."""
+    o = out / f"tok_seed{seed}"
+    if not (o / "done").exists():
+        shutil.rmtree(o, ignore_errors=True)
+        o.mkdir(parents=True)
+        cmd, _, flags = ROWS["cim_corrupt"]
+        secs = run([*cmd, *flags, *extra, "--data", str(data), "--out", str(o), "--seed", str(seed), "--workers", "0",
+                    "--epochs", "0"], o / "run.log")
+        (o / "done").write_text(json.dumps({"seconds": round(secs, 1)}))
+    return o
+
+
 def pretrain(name, data, out, seed, flags, extra, init=False):
     """One pre-training run (or with init=True its first step only, at lr 0) -> its OUT folder."""
     o = out / (f"init_seed{seed}" if init else f"seed{seed}")
@@ -296,8 +318,8 @@ def pretrain(name, data, out, seed, flags, extra, init=False):
     shutil.rmtree(o, ignore_errors=True)
     o.mkdir(parents=True)
     cmd, _, row_flags = ROWS[name]
-    if init and name == "cim_corrupt":   # the dVAE of the trained run, not trained again
-        shutil.copy(out / f"seed{seed}" / "tokenizer.pth", o / "tokenizer.pth")
+    if name == "cim_corrupt":   # the same dVAE for the trained run and its init
+        shutil.copy(tokenizer(data, out, seed, extra) / "tokenizer.pth", o / "tokenizer.pth")
     secs = run([*cmd, *row_flags, *extra, "--data", str(data), "--out", str(o), "--seed", str(seed), "--workers", "0",
                 *flags, *(["--stop-after", "1"] if init else [])], o / "run.log")
     (o / "done").write_text(json.dumps({"seconds": round(secs, 1)}))
@@ -305,20 +327,20 @@ def pretrain(name, data, out, seed, flags, extra, init=False):
 
 
 # ----------------------------------------------------------------------------- evaluation
-def features(pretrained, data, seed=0):
+def features(pretrained, data, seed=0, device="cpu"):
     """Frozen features of the train and val splits through finetune.py's encoder loading and pooling (cls: final norm;
     mean: mean patch token, fresh fc_norm), un-augmented (its val transform). -> {split: ({pool: (N, D)}, labels)}."""
-    cfg = Config(mode="knn", pretrained=str(pretrained), data=str(data), img_size=32, device="cpu",
+    cfg = Config(mode="knn", pretrained=str(pretrained), data=str(data), img_size=32, device=device,
                  **(dict(arch="vit_tiny", patch_size=4) if pretrained == "random" else {}))
     seed_all(seed)                                                     # the random rows: one init per seed
     enc, dim, args = build_encoder(cfg)
-    model = Classifier(enc, dim, 1, "knn", "both", args["arch"] == "vit").eval()   # only .pooled is used
+    model = Classifier(enc, dim, 1, "knn", "both", args["arch"] == "vit").to(device).eval()   # only .pooled is used
     tf, out = build_transforms(cfg, 32)[1], {}
     for split in ("train", "val"):
         ds = build_dataset(str(data), split, tf, 32)
         x, y = torch.stack([ds[i][0] for i in range(len(ds))]), torch.tensor([ds[i][1] for i in range(len(ds))])
         with torch.no_grad():
-            parts = [model.pooled(b) for b in x.split(256)]
+            parts = [{k: v.float().cpu() for k, v in model.pooled(b.to(device)).items()} for b in x.split(256)]
         out[split] = ({k: torch.cat([p[k] for p in parts]) for k in parts[0]}, y)
     return out
 
@@ -341,9 +363,9 @@ def probes(xtr, ytr, xva, yva, steps):
         return {"knn": round(knn, 1), "linear": round(accuracy(lin(xva), yva)[0], 1)}
 
 
-def evaluate(pretrained, data, steps, seed=0):
+def evaluate(pretrained, data, steps, seed=0, device="cpu"):
     """-> {pool: {"knn", "linear"}} for cls and mean pooling."""
-    (ftr, ytr), (fva, yva) = features(pretrained, data, seed).values()
+    (ftr, ytr), (fva, yva) = features(pretrained, data, seed, device).values()
     return {k: probes(ftr[k], ytr, fva[k], yva, steps) for k in ftr}
 
 
@@ -371,7 +393,10 @@ def summary(runs):
 
 
 def plot_pretext(rows, out, title):
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        return print("no matplotlib: pretext.png not drawn (the steps are in each run's steps.jsonl)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = [n for n in ROWS if n in rows]
@@ -397,6 +422,7 @@ def main():
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--budget", type=float, default=300, help="wall-clock seconds per pre-training run, one thread")
     p.add_argument("--jobs", type=int, default=2, help="runs side by side (one thread each)")
+    p.add_argument("--device", default="cpu", help="cuda: every run and the probes' features on the GPU")
     p.add_argument("--linear-steps", type=int, default=300, help="full-batch steps of the linear probe")
     p.add_argument("--extra", action="append", default=[], metavar="ROW:FLAGS",
                    help="extra flags for one row, e.g. 'cim_correlate:--blr 1e-2' (recipe experiments)")
@@ -415,7 +441,7 @@ def main():
         raise SystemExit(f"--rows: unknown {', '.join(sorted(unknown))} (choose from {', '.join(ROWS)})")
     for n in names if not args.reuse else []:   # fresh runs: only this benchmark's own folders are removed
         shutil.rmtree(out / n, ignore_errors=True)
-    extra = {n: [] for n in names}
+    extra = {n: [] if args.device == "cpu" else ["--device", args.device] for n in names}
     for e in args.extra:
         n, flags = e.split(":", 1) if ":" in e else (e, "")
         if n not in extra:
@@ -424,7 +450,8 @@ def main():
     steps = 20 if args.quick else args.linear_steps
     n_train = len(build_dataset(str(data), "train", None, 32))
     res = {"data": str(data), "n_train": n_train, "budget_s": args.budget, "seeds": seeds, "quick": args.quick,
-           "command": " ".join(sys.argv), "cpus": os.cpu_count(), "jobs": args.jobs, "date": time.strftime("%Y-%m-%d"),
+           "command": " ".join(sys.argv), "cpus": os.cpu_count(), "jobs": args.jobs, "device": args.device,
+           "date": time.strftime("%Y-%m-%d"),
            "rows": {}}
     (xtr, ytr), (xva, yva) = load_split(data, "train"), load_split(data, "val")
     res["rows"]["raw pixels"] = summary([{"pixels": probes(xtr.flatten(1), ytr, xva.flatten(1), yva, steps)}])
@@ -437,10 +464,11 @@ def main():
     if not args.quick:   # each method's own model before its first update (MAE's is the random ViT-Tiny row)
         list(pool.map(lambda j: pretrain(j[0], data, out / j[0], j[1], flags[j[0]], extra[j[0]], init=True),
                       [j for j in jobs if j[0] != "mae"]))
-    torch.set_num_threads(args.jobs)
-    res["rows"]["random ViT-Tiny"] = summary([evaluate("random", data, steps, s) for s in seeds])
+    torch.set_num_threads(args.jobs if args.device == "cpu" else os.cpu_count())
+    ev = lambda path, s=0: evaluate(path, data, steps, s, args.device)
+    res["rows"]["random ViT-Tiny"] = summary([ev("random", s) for s in seeds])
     for n in names:
-        row = res["rows"][n] = summary([evaluate(out / n / f"seed{s}" / "checkpoint.pth", data, steps) for s in seeds])
+        row = res["rows"][n] = summary([ev(out / n / f"seed{s}" / "checkpoint.pth") for s in seeds])
         logs = [steps_log(out / n / f"seed{s}") for s in seeds]
         row.update(calibration=cal[n], flags=flags[n], extra=extra[n],
                    steps=[lg[-1]["step"] if lg else 0 for lg in logs],
@@ -449,10 +477,11 @@ def main():
         batch = json.loads((out / n / f"seed{seeds[0]}" / "config.json").read_text())["batch_size"]
         row["images_seen"] = [st * batch for st in row["steps"]]
         if (out / n / f"seed{seeds[0]}" / "tokenizer.pth").exists():
-            row["tokenizer"] = [tokenizer_stats(out / n / f"seed{s}" / "tokenizer.pth", data) for s in seeds]
+            row["tokenizer"] = [{**tokenizer_stats(out / n / f"seed{s}" / "tokenizer.pth", data), "seconds": json.loads(
+                (out / n / f"tok_seed{s}" / "done").read_text())["seconds"]} for s in seeds]
         if not args.quick and n != "mae":
             inits = [out / n / f"init_seed{s}" / "checkpoint.pth" for s in seeds]
-            res["rows"][f"{n} at init"] = summary([evaluate(path, data, steps) for path in inits])
+            res["rows"][f"{n} at init"] = summary([ev(path) for path in inits])
     plot_pretext(res["rows"], out / "pretext.png", f"{args.data}: pretext metrics, {len(seeds)} seeds")
     print(f"\n{Path(args.data).name}, budget {args.budget:.0f} s/run, seeds {args.seeds}: mean (spread max-min)")
     print(f"{'encoder':<24} {'kNN mean':>12} {'linear mean':>12} {'kNN cls':>12} {'linear cls':>12}  pre-training")

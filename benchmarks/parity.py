@@ -436,6 +436,8 @@ def main(argv=None):
     p.add_argument("--sched-tol", type=float, default=1e-9, help="max abs diff of lr and EMA schedules (1e-9)")
     p.add_argument("--sched-steps", type=int, default=2, help="optimizer steps per epoch for the schedule check "
                    "(default 2: 600 steps at 300 epochs)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="of both models and the inputs; float64 separates the math from fp32 rounding")
     p.add_argument("--accum-iter", type=int, default=1,
                    help="correlational: the official accum_iter for its schedules (released script: 2)")
     args = p.parse_args(argv)
@@ -445,8 +447,9 @@ def main(argv=None):
         sys.exit("error: --depth, --sched-steps, --accum-iter must be >= 1 and --batch >= 2 (BatchNorm)")
     method = args.method or detect(args.official)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    torch.set_default_dtype(getattr(torch, args.dtype))
     print(f"parity: {method} vs official code at {os.path.abspath(args.official)} "
-          f"(fp32, CPU, torch {torch.__version__})")
+          f"({args.dtype}, CPU, torch {torch.__version__})")
     rep = Report()
     (conmim_parity if method == "conmim" else correlate_parity)(args.official, args, rep)
     print("PASS" if not rep.failed else f"FAIL: {', '.join(rep.failed)}")

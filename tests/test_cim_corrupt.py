@@ -304,6 +304,19 @@ def test_generator_has_beit_init():
     assert abs(w[0].std().item() * 2 ** 0.5 - w[1].std().item() * 4 ** 0.5) < 2e-3
 
 
+def test_init_xavier_replaces_only_the_enhancer_init():
+    """--init xavier: every enhancer Linear / patch conv is xavier-uniform (bound sqrt(6 / (fan_in + fan_out))), its
+    biases stay 0; the generator keeps BEiT's init. Default (beit): the enhancer is cut at +-0.02."""
+    torch.manual_seed(0)
+    beit, xav = (cc.CIM(tiny(gen_depth=2, init=i), cc.load_tokenizer(tiny())) for i in ("beit", "xavier"))
+    assert beit.enhancer.blocks[0].mlp.fc1.weight.abs().max() <= 0.02
+    for m in [m for m in xav.enhancer.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]:
+        w = m.weight.flatten(1)
+        bound = (6 / sum(w.shape)) ** 0.5
+        assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound and not m.bias.any()
+    assert xav.generator.blocks[0].mlp.fc1.weight.abs().max() <= 0.02
+
+
 def test_accumulation_resume_is_exact(tmp_path):
     """--stop-after mid-epoch with 2 micro-batches per step, then the same command: the uninterrupted weights."""
     kw = dict(data="synthetic", batch_size=4, accum_iter=2, steps_per_epoch=3, epochs=2, log_every=1)

@@ -114,6 +114,20 @@ def test_model_teacher_is_a_gradient_free_copy():
     assert "mask_token" not in model.teacher.state_dict() and model.mask_token.shape == (1, 1, 192)
 
 
+def test_init_xavier_student_and_teacher_projector():
+    """--init xavier: student and projector Linear / patch weights xavier-uniform, biases 0, the teacher a copy;
+    default beit: cut at +-0.02 (fc2 rescaled per block)."""
+    torch.manual_seed(0)
+    beit = ConMIM(parse_config(Config, ["--preset", "tiny", "--depth", "2"]))
+    xav = ConMIM(parse_config(Config, ["--preset", "tiny", "--depth", "2", "--init", "xavier"]))
+    assert beit.student.blocks[0].attn.qkv.weight.abs().max() <= 0.02
+    mods = [m for mod in (xav.student, xav.projector) for m in mod.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    for m in mods:
+        w, bound = m.weight.flatten(1), (6 / sum(m.weight.flatten(1).shape)) ** 0.5
+        assert bound >= w.abs().max() > 0.9 * bound and (m.bias is None or not m.bias.any())
+    assert torch.equal(xav.teacher.blocks[1].mlp.fc2.weight, xav.student.blocks[1].mlp.fc2.weight)
+
+
 @pytest.mark.parametrize("teacher_bn", ["batch", "running"])
 def test_teacher_bn_statistics_are_its_own(teacher_bn):
     """--teacher-bn running: the teacher's BN normalises with running statistics of the TEACHER's features (updated

@@ -111,3 +111,31 @@ def test_partial_or_corrupt_cache_fails_with_one_line(cache, monkeypatch, name, 
 
 def bad_archive(*args, **kwargs):
     raise RuntimeError("File not found or corrupted.")
+
+
+def broken_cache_rank(rank, world, init_file, root, out):
+    """One gloo process: CIFAR-10 cache missing a batch, offline; records how build_dataset ended on this rank."""
+    import torch.distributed as dist
+    os.environ.update(RANK=str(rank), MIMREF_DATASETS=str(root))
+    tv_cifar.check_integrity = lambda path, md5=None: os.path.isfile(path)
+    tv_cifar.download_and_extract_archive = offline
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        build_dataset("cifar10", "train", None)
+        code = "returned"
+    except SystemExit as e:
+        code = repr(e.code)
+    (out / f"rank{rank}").write_text(code)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_bad_download_one_line_from_rank_0_others_exit_quietly(tmp_path):
+    """Under torchrun a failed download used to leave the other ranks in a barrier with a gloo traceback."""
+    import torch.multiprocessing as mp
+    write_cifar10(tmp_path / "cache")
+    (tmp_path / "cache" / "cifar-10-batches-py" / "data_batch_2").unlink()
+    mp.start_processes(broken_cache_rank, args=(2, str(tmp_path / "init"), tmp_path / "cache", tmp_path), nprocs=2,
+                       join=True, start_method="spawn")
+    msg = (tmp_path / "rank0").read_text()
+    assert msg.startswith("'error: --data cifar10: cannot download") and "\\n" not in msg and "name resolution" in msg
+    assert (tmp_path / "rank1").read_text() == "1"

@@ -19,9 +19,10 @@ def parity(*args, brk=""):
 
 @pytest.mark.parametrize("method", ["conmim", "correlate"])
 def test_standin_passes_and_reports_every_line(method):
-    r = parity("--official", os.path.join(STANDIN, method))   # method detected from the files
+    # float64: in fp32 the ConMIM draw of seed 0 differs by 1e-2 in gradients on an Intel Xeon (3e-6 at seeds 1, 2)
+    r = parity("--official", os.path.join(STANDIN, method), "--dtype", "float64")   # method detected from the files
     assert r.returncode == 0, r.stdout + r.stderr
-    assert f"parity: {method} vs official code" in r.stdout
+    assert f"parity: {method} vs official code" in r.stdout and "(float64, CPU" in r.stdout
     for what in ["forward:", "loss", "gradients (", "gradients: max relative", "EMA update", "lr schedule",
                  "EMA momentum schedule"]:
         lines = [line for line in r.stdout.splitlines() if line.strip().startswith(what)]
