@@ -277,7 +277,7 @@ def named_dataset(name, split, transform):
         except (RuntimeError, OSError) as e:   # no network (URLError), a partial archive or a bad md5 sum
             err = (f"--data {name}: cannot download or verify {cls.base_folder} in {root} ({' '.join(str(e).split())}"
                    f"); delete it and {cls.filename} there to download again, or save {cls.url} there by hand")
-    if not (all_finite(torch.tensor(not err)) if dist.is_initialized() else not err):   # the others wait for rank 0
+    if not all_finite(torch.tensor(not err)):   # one all-reduce: the other ranks wait here for rank 0
         raise SystemExit(f"error: {err}" if err else 1)   # one line, from rank 0; the other ranks leave quietly
     try:
         return ds if ds is not None else cls(root, **which, transform=transform)
