@@ -25,7 +25,7 @@ or an ImageFolder root with train/ and val/. scikit-learn is a benchmark extra, 
 
 Prints the table, writes OUT/results.json and OUT/pretext.png (each row's pretext metric against steps).
 """
-import argparse, json, math, os, shutil, subprocess, sys, time
+import argparse, json, math, os, platform, shutil, subprocess, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -382,6 +382,16 @@ def tokenizer_stats(path, data):
     return {"tok_mse": round(((rec - x) ** 2).mean().item(), 4), "tok_codes": int(ids.unique().numel())}
 
 
+def machine(device):
+    """The CPU model (Linux: /proc/cpuinfo) and, with --device cuda, the GPU's name, for results.json."""
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return cpu + (f", {torch.cuda.get_device_name()}" if device.startswith("cuda") else "")
+
+
 def summary(runs):
     """Per (pool, probe): mean and spread (max - min) over the seeds' results."""
     out = {}
@@ -450,9 +460,8 @@ def main():
     steps = 20 if args.quick else args.linear_steps
     n_train = len(build_dataset(str(data), "train", None, 32))
     res = {"data": str(data), "n_train": n_train, "budget_s": args.budget, "seeds": seeds, "quick": args.quick,
-           "command": " ".join(sys.argv), "cpus": os.cpu_count(), "jobs": args.jobs, "device": args.device,
-           "date": time.strftime("%Y-%m-%d"),
-           "rows": {}}
+           "command": " ".join(sys.argv), "cpus": os.cpu_count(), "machine": machine(args.device), "jobs": args.jobs,
+           "device": args.device, "date": time.strftime("%Y-%m-%d"), "rows": {}}
     (xtr, ytr), (xva, yva) = load_split(data, "train"), load_split(data, "val")
     res["rows"]["raw pixels"] = summary([{"pixels": probes(xtr.flatten(1), ytr, xva.flatten(1), yva, steps)}])
     pool = ThreadPoolExecutor(args.jobs)
@@ -483,7 +492,8 @@ def main():
             inits = [out / n / f"init_seed{s}" / "checkpoint.pth" for s in seeds]
             res["rows"][f"{n} at init"] = summary([ev(path) for path in inits])
     plot_pretext(res["rows"], out / "pretext.png", f"{args.data}: pretext metrics, {len(seeds)} seeds")
-    print(f"\n{Path(args.data).name}, budget {args.budget:.0f} s/run, seeds {args.seeds}: mean (spread max-min)")
+    print(f"\n{Path(args.data).name}, budget {args.budget:.0f} s/run, seeds {args.seeds}, {res['machine']}: "
+          "mean (spread max-min)")
     print(f"{'encoder':<24} {'kNN mean':>12} {'linear mean':>12} {'kNN cls':>12} {'linear cls':>12}  pre-training")
     for name, r in res["rows"].items():
         cell = lambda k: f"{r[k][0]:.1f} ({r[k][1]:.1f})" if k in r else "-"
