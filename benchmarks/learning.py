@@ -255,6 +255,7 @@ def run(cmd, log):
     t = time.time()
     r = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    Path(log).parent.mkdir(parents=True, exist_ok=True)   # a run that fails at its argument checks makes no --out
     Path(log).write_text(r.stdout + r.stderr)
     if r.returncode:
         raise SystemExit(f"failed ({log}):\n{r.stderr[-2000:]}")
@@ -389,7 +390,8 @@ def machine(device):
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
         cpu = names[0] if names else cpu
-    return cpu + (f", {torch.cuda.get_device_name()}" if device.startswith("cuda") else "")
+    gpu = device.startswith("cuda") and torch.cuda.is_available()   # no GPU: main() stops with one line
+    return cpu + (f", {torch.cuda.get_device_name()}" if gpu else "")
 
 
 def summary(runs):
@@ -447,6 +449,8 @@ def main():
                                            20 if args.quick else 0),
             "shapes": lambda: write_shapes(cache / "shapes32")}.get(args.data, lambda: Path(args.data).resolve())()
     seeds, names = [int(s) for s in args.seeds.split(",")], args.rows.split(",")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {args.device}: torch sees no CUDA device here")
     if unknown := set(names) - set(ROWS):
         raise SystemExit(f"--rows: unknown {', '.join(sorted(unknown))} (choose from {', '.join(ROWS)})")
     for n in names if not args.reuse else []:   # fresh runs: only this benchmark's own folders are removed

@@ -64,7 +64,7 @@ def test_learning_quick(tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     res = json.loads((tmp_path / "results.json").read_text())
-    assert res["quick"] is True and res["seeds"] == [0, 1]
+    assert res["quick"] is True and res["seeds"] == [0, 1] and res["machine"]
     for name in ("random ViT-Tiny", "conmim", "cim_correlate", "cim_corrupt", "mae"):
         row = res["rows"][name]
         for key in ("mean_knn", "mean_linear", "cls_knn", "cls_linear"):
@@ -82,3 +82,14 @@ def test_learning_quick(tmp_path):
     assert "nll" not in (corrupt / "seed1" / "run.log").read_text()
     assert (tmp_path / "pretext.png").stat().st_size > 0
     assert "mae" in r.stdout and "kNN mean" in r.stdout   # the printed table
+
+
+def test_bad_run_flags_end_with_the_runs_error_line(tmp_path):
+    """A run that stops at its own argument checks (here the calibration run, before it makes its --out) ends the
+    benchmark with that line."""
+    r = subprocess.run([sys.executable, "benchmarks/learning.py", "--rows", "conmim", "--seeds", "0",
+                        "--extra", "conmim:--lr -1", "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().endswith("error: --lr must be > 0 and --min-lr >= 0"), r.stderr[-2000:]
+    assert "--lr must be > 0" in (tmp_path / "conmim" / "cal.log").read_text()
