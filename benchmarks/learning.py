@@ -390,8 +390,7 @@ def machine(device):
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
         cpu = names[0] if names else cpu
-    gpu = device.startswith("cuda") and torch.cuda.is_available()   # no GPU: main() stops with one line
-    return cpu + (f", {torch.cuda.get_device_name()}" if gpu else "")
+    return cpu + (f", {torch.cuda.get_device_name()}" if device.startswith("cuda") else "")   # main() checked CUDA
 
 
 def summary(runs):
