@@ -14,10 +14,13 @@ autocast, one loader thread per run; features for the probes on the GPU), for ma
 
 Data: `digits` (scikit-learn's 8x8 digits, 1,797 images, upsampled to 32x32), `shapes` (ten rendered shapes of random
 colour, size and place on grey crops of scikit-learn's two sample photos, 3,000 + 1,000 images: raw pixels do poorly),
-or an ImageFolder root with train/ and val/. scikit-learn is a benchmark extra, never a runtime dependency.
+`photos` (grey crops of ten of scikit-image's bundled photos, one class each, val crops from a part of each photo no
+train crop shows; 3,000 + 1,000 images), or an ImageFolder root with train/ and val/. scikit-learn and scikit-image
+are benchmark extras, never runtime dependencies.
 
     python benchmarks/learning.py --data shapes               # all rows, 3 seeds, 300 s each (~40 min on 2 cores)
     python benchmarks/learning.py --data digits --rows conmim,mae --seeds 0 --extra "conmim:--lr 1e-4"
+    python benchmarks/learning.py --data photos               # the same on crops of real photos (~50 min)
     python benchmarks/learning.py --data shapes --reuse       # keep finished runs in --out, run the rest, evaluate
     python benchmarks/learning.py --data shapes --seeds 0 --budget 200 --jobs 4 --device cuda   # more steps, one GPU
     python benchmarks/learning.py --quick                     # ~1 min: keeps the pipeline working (tests)
@@ -132,6 +135,36 @@ def write_shapes(out, train_per_class=300, val_per_class=100, size=32):
                     draw.polygon([(cx + r * (px * ca - py * sa), cy + r * (px * sa + py * ca)) for px, py in poly],
                                  fill=color)
                 img.resize((size, size), Image.LANCZOS).save(out / split / name / f"{i}.png")
+    (out / "done").write_text("ok")
+    return out
+
+
+PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "hubble_deep_field",
+          "immunohistochemistry", "retina", "camera", "coins"]   # scikit-image's bundled photos, one per class
+
+
+def write_photos(out, train_per_class=300, val_per_class=100, size=32):
+    """Ten of scikit-image's bundled photos, one per class, cut into grey square crops (side 10-30% of the photo's
+    short side, random brightness and contrast) resized to SIZE: train crops from the left 70% of each photo, val crops
+    from the right 30%, so a val crop shows a part of the scene no train crop shows. Deterministic (seed 0)."""
+    import skimage.data
+    if (out / "done").exists():
+        return out
+    rng = np.random.default_rng(0)
+    for name in PHOTOS:
+        a = getattr(skimage.data, name)()
+        photo = Image.fromarray(a[0] if isinstance(a, tuple) else a).convert("L")   # stereo_motorcycle: left view
+        W, H = photo.size
+        regions = {"train": (0, int(0.7 * W), train_per_class), "val": (int(0.7 * W), W, val_per_class)}
+        for split, (lo, hi, n) in regions.items():
+            (out / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                side = min(int(rng.uniform(0.1, 0.3) * min(W, H)), hi - lo)
+                x0, y0 = rng.integers(lo, hi - side + 1), rng.integers(0, H - side + 1)
+                g = np.asarray(photo.crop((x0, y0, x0 + side, y0 + side)).resize((size, size), Image.LANCZOS),
+                               np.float32)
+                g = g.mean() + rng.uniform(0.6, 1.2) * (g - g.mean()) + rng.uniform(-30, 30)
+                Image.fromarray(np.uint8(np.clip(g, 0, 255))).convert("RGB").save(out / split / name / f"{i}.png")
     (out / "done").write_text("ok")
     return out
 
@@ -428,7 +461,7 @@ def plot_pretext(rows, out, title):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="digits", help="'digits', 'shapes' (both offline) or an ImageFolder root")
+    p.add_argument("--data", default="digits", help="'digits', 'shapes', 'photos' (offline) or an ImageFolder root")
     p.add_argument("--rows", default=",".join(ROWS), help="pre-trained rows, from " + ", ".join(ROWS))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--budget", type=float, default=300, help="wall-clock seconds per pre-training run, one thread")
@@ -446,7 +479,8 @@ def main():
     cache = ROOT / "out" / "learning_data"
     data = {"digits": lambda: write_digits(cache / ("digits32_quick" if args.quick else "digits32"),
                                            20 if args.quick else 0),
-            "shapes": lambda: write_shapes(cache / "shapes32")}.get(args.data, lambda: Path(args.data).resolve())()
+            "shapes": lambda: write_shapes(cache / "shapes32"),
+            "photos": lambda: write_photos(cache / "photos32")}.get(args.data, lambda: Path(args.data).resolve())()
     seeds, names = [int(s) for s in args.seeds.split(",")], args.rows.split(",")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {args.device}: torch sees no CUDA device here")

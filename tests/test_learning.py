@@ -1,7 +1,8 @@
-"""benchmarks/learning.py: the MAE baseline learns a batch, the shapes set is deterministic and balanced, and --quick
-runs the whole pipeline (digits -> ImageFolder, cim_corrupt's dVAE outside the timed run, every row's pre-training
-with seeds, kNN and linear probe on finetune.py's frozen features for both poolings, table, JSON, pretext plot).
-No quality assertion on --quick: a seconds-long run learns nothing; the numbers live in benchmarks/README.md."""
+"""benchmarks/learning.py: the MAE baseline learns a batch, the shapes and photos sets are deterministic and balanced,
+and --quick runs the whole pipeline (digits -> ImageFolder, cim_corrupt's dVAE outside the timed run, every row's
+pre-training with seeds, kNN and linear probe on finetune.py's frozen features for both poolings, table, JSON,
+pretext plot). No quality assertion on --quick: a seconds-long run learns nothing; the numbers live in
+benchmarks/README.md."""
 import json
 import os
 import subprocess
@@ -55,6 +56,16 @@ def test_shapes_deterministic_and_balanced(tmp_path):
     xa, ya = learning.load_split(a, "train")
     xb, _ = learning.load_split(b, "train")
     assert xa.shape == (30, 3, 32, 32) and torch.equal(xa, xb)
+    assert torch.bincount(ya).tolist() == [3] * 10 and len(learning.load_split(a, "val")[1]) == 20
+
+
+def test_photos_deterministic_balanced_grey(tmp_path):
+    pytest.importorskip("skimage")   # scikit-image's bundled photos: a test/benchmark extra
+    a = learning.write_photos(tmp_path / "a", train_per_class=3, val_per_class=2)
+    b = learning.write_photos(tmp_path / "b", train_per_class=3, val_per_class=2)
+    (xa, ya), (xb, _) = learning.load_split(a, "train"), learning.load_split(b, "train")
+    assert xa.shape == (30, 3, 32, 32) and torch.equal(xa, xb)
+    assert torch.equal(xa[:, 0], xa[:, 1]) and torch.equal(xa[:, 0], xa[:, 2])   # grey crops
     assert torch.bincount(ya).tolist() == [3] * 10 and len(learning.load_split(a, "val")[1]) == 20
 
 
