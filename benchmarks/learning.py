@@ -147,9 +147,9 @@ def write_photos(out, train_per_class=300, val_per_class=100, size=32):
     """Ten of scikit-image's bundled photos, one per class, cut into grey square crops (side 10-30% of the photo's
     short side, random brightness and contrast) resized to SIZE: train crops from the left 70% of each photo, val crops
     from the right 30%, so a val crop shows a part of the scene no train crop shows. Deterministic (seed 0)."""
-    import skimage.data
     if (out / "done").exists():
         return out
+    import skimage.data
     rng = np.random.default_rng(0)
     for name in PHOTOS:
         a = getattr(skimage.data, name)()
@@ -477,10 +477,13 @@ def main():
     out = Path(args.out or f"out/learning_{Path(args.data).name}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     cache = ROOT / "out" / "learning_data"
-    data = {"digits": lambda: write_digits(cache / ("digits32_quick" if args.quick else "digits32"),
-                                           20 if args.quick else 0),
-            "shapes": lambda: write_shapes(cache / "shapes32"),
-            "photos": lambda: write_photos(cache / "photos32")}.get(args.data, lambda: Path(args.data).resolve())()
+    try:
+        data = {"digits": lambda: write_digits(cache / ("digits32_quick" if args.quick else "digits32"),
+                                               20 if args.quick else 0),
+                "shapes": lambda: write_shapes(cache / "shapes32"),
+                "photos": lambda: write_photos(cache / "photos32")}.get(args.data, lambda: Path(args.data).resolve())()
+    except ImportError as e:   # sklearn / skimage: benchmark extras
+        raise SystemExit(f"error: --data {args.data} needs {e.name}: pip install -r requirements-test.txt")
     seeds, names = [int(s) for s in args.seeds.split(",")], args.rows.split(",")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {args.device}: torch sees no CUDA device here")
