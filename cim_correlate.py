@@ -14,7 +14,6 @@ Result: ImageNet not measured here (official README.md:37: ViT-B/16 300 ep + 100
 Docs (implementation map, differences from the release, pictures): docs/cim_correlate.md. Sections: config |
 crop-and-correlate sampling | loss, EMA | model | data | training | appendix: ViT, ResNet-50, visualisation, checks.
 """
-import contextlib
 import copy
 import dataclasses
 import math
@@ -28,9 +27,9 @@ from torchvision import transforms
 from torchvision.ops import stochastic_depth
 from torchvision.utils import save_image
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, Progress, accum_steps, all_finite, batch_warning, build_dataset,
-                    build_loader, cosine_schedule, fail, log_json, param_groups, parse_config, prepare_out, print0,
-                    resume, rng_state, run_settings, save_checkpoint, seed_all, setup_dist, skipped_images)
+from common import (IMAGENET_MEAN, IMAGENET_STD, Run, accum_steps, batch_warning, build_dataset,
+                    build_loader, check_ranges, cosine_schedule, fail, no_sync, param_groups,
+                    parse_config, print0, seed_all, setup_dist)
 
 
 # ----------------------------------------------------------------------------- config
@@ -87,9 +86,22 @@ class Config:
     log_every: int = 50               # progress line every N steps
     stop_after: int = 0               # exit after N steps of this run with a resumable checkpoint; 0 = off
     viz_every: int = 0                # PNG every N epochs: context | exemplars | target maps | predicted maps; 0 = off
+    allow_change: str = ""            # resume although these settings differ from the checkpoint's: a,b or all
 
     CHOICES = {"arch": ("vit_tiny", "vit_small", "vit_base", "vit_large", "resnet50"), "amp": ("bf16", "fp16", "off"),
                "box_rule": ("corner", "centre")}
+    RANGES = {"img_size": ">= 1", "depth": ">= 0", "patch_size": ">= 1", "search_scale_min": "(0, 1]",
+              "context_size": ">= 1", "exemplar_size": ">= 1", "num_exemplars": "[1, 32]",
+              "exemplar_scale_min": "(0, 1]", "exemplar_scale_max": "(0, 1]", "exemplar_ratio_min": "> 0",
+              "exemplar_ratio_max": "> 0", "rotation": "[0, 180]", "box_tries": ">= 1", "ema_momentum": "[0, 1]",
+              "decoder_dim": ">= 4", "decoder_heads": ">= 1", "decoder_mlp_ratio": "> 0", "epochs": ">= 1",
+              "batch_size": ">= 1", "accum_iter": ">= 1", "global_batch": ">= 0", "paper_batch": ">= 0",
+              "blr": "> 0", "min_lr": ">= 0", "warmup_epochs": ">= 0", "weight_decay": ">= 0", "clip_grad": ">= 0",
+              "steps_per_epoch": ">= 0", "workers": ">= 0", "seed": ">= 0", "log_every": ">= 1",
+              "stop_after": ">= 0", "viz_every": ">= 0"}
+    # a flag given on the command line that the chosen arch would ignore is an error
+    ONLY_WITH = {k: ("arch", ("vit_tiny", "vit_small", "vit_base", "vit_large"))
+                 for k in ("depth", "patch_size", "freeze_patch_embed")}
     _TINY = dict(arch="vit_tiny", img_size=32, patch_size=4, context_size=24, exemplar_size=16, num_exemplars=2,
                  decoder_dim=128, decoder_heads=4, batch_size=8, device="cpu", workers=0, epochs=1, warmup_epochs=0,
                  log_every=1, blr=1e-2)
@@ -420,17 +432,14 @@ def optimizer_step(raw_model, opt, scaler, clip_grad, momentum):
     opt.zero_grad(set_to_none=True)
 
 
-def save(cfg, raw_model, opt, scaler, epoch, step, rank, settings=None):
-    """Checkpoint with both encoders: timm vit_* keys (ViT) or torchvision resnet50 keys without fc (ResNet-50)."""
-    if rank:
-        return
+def checkpoint(cfg, raw_model, opt, scaler):
+    """What OUT/checkpoint.pth holds besides Run's bookkeeping: everything to resume, plus both encoders in timm
+    vit_* keys (ViT) or torchvision resnet50 keys without fc (ResNet-50); the release fine-tunes with global_pool."""
     encoders = {n: (m.net if cfg.arch == "resnet50" else m).state_dict()
                 for n, m in (("online", raw_model.online), ("target", raw_model.target))}
-    save_checkpoint({"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                     "step": step, "epoch": epoch, "rng": rng_state(), "config": dataclasses.asdict(cfg),
-                     "settings": settings, "encoders": encoders, "encoder_args": raw_model.encoder_args,
-                     "default_encoder": "online", "pool": "mean"},   # pool: the release fine-tunes with global_pool
-                    os.path.join(cfg.out, "checkpoint.pth"))
+    return {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+            "encoders": encoders, "encoder_args": raw_model.encoder_args, "default_encoder": "online",
+            "pool": "mean"}
 
 
 def recipe_line(cfg, world, accum, lr, steps_per_epoch, amp_dtype):
@@ -452,8 +461,7 @@ def main(cfg):
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if device.type == "cuda" else None
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)   # re-entered each step
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    accum = accum_steps(cfg.global_batch, cfg.batch_size, world, cfg.accum_iter)
-    prepare_out(cfg.out, cfg, __file__)
+    accum = accum_steps(cfg, world)
     dataset = build_dataset(cfg.data, "pretrain", build_transform(cfg), cfg.img_size)
     loader = build_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device)
     steps_per_epoch = min(len(loader) // accum, cfg.steps_per_epoch or len(loader))   # optimizer steps
@@ -477,43 +485,26 @@ def main(cfg):
                             betas=(0.9, 0.95), fused=device.type == "cuda")
     lr_sched = cosine_schedule(lr, cfg.min_lr, total_steps, cfg.warmup_epochs * steps_per_epoch)
     ema_sched = cosine_schedule(cfg.ema_momentum, 1.0, total_steps)  # METHOD: momentum 0.99 -> 1 (BYOL cosine)
-    keys = ("arch", "depth", "patch_size", "img_size", "context_size", "exemplar_size", "num_exemplars", "epochs")
-    settings = {**run_settings(cfg, __file__, keys), "global_batch": global_batch}
-    start = resume(cfg.out, raw_model, opt, scaler, rank, cfg.seed, settings=settings)
-    progress, last = Progress(total_steps, global_batch, cfg.log_every, cfg.out), {}
-    for epoch in range(start // steps_per_epoch, cfg.epochs):
-        loader.sampler.set_epoch(epoch)
-        first = start % steps_per_epoch if epoch == start // steps_per_epoch else 0
-        loader.sampler.start_step = first * accum                      # the sampler counts micro-batches
-        batches = iter(loader)
-        raw_model.train()
-        for i in range(first, steps_per_epoch):
-            it = epoch * steps_per_epoch + i                           # optimizer step: indexes lr, EMA, logs
-            for g in opt.param_groups:
-                g["lr"] = lr_sched[it]
-            logs = {}
-            for k in range(accum):                                     # DDP all-reduces on the last micro-batch only
-                images = next(batches)[0].to(device, non_blocking=True)
-                with model.no_sync() if world > 1 and k + 1 < accum else contextlib.nullcontext():
-                    with autocast:
-                        loss, extra = model(images)                    # METHOD: crop, correlate, loss
-                    scaler.scale(loss / accum).backward()
-                for n, v in {"loss": loss, **extra}.items():
-                    logs[n] = logs.get(n, 0) + v.detach() / accum
-            optimizer_step(raw_model, opt, scaler, cfg.clip_grad, ema_sched[it])
-            vals = progress.step(it, epoch, logs, lr_sched[it])
-            last = vals or last
-            if (vals is not None or i + 1 == steps_per_epoch) and not all_finite(logs["loss"].isfinite()):
-                fail(f"loss is not finite at step {it + 1}; last good checkpoint kept in {cfg.out}")   # before a save
-            if cfg.stop_after and it + 1 - start >= cfg.stop_after:
-                save(cfg, raw_model, opt, scaler, epoch, it + 1, rank, settings)
-                return print0(f"stopping after {cfg.stop_after} steps; run the same command again to resume")
-        save(cfg, raw_model, opt, scaler, epoch, it + 1, rank, settings)
-        log_json(cfg.out, {"epoch": epoch, "step": it + 1, **last})
-        if cfg.viz_every and (epoch + 1) % cfg.viz_every == 0 and rank == 0:
-            visualize(raw_model, images, os.path.join(cfg.out, f"viz_epoch{epoch}.png"), epoch)   # METHOD
-        if n_skipped := skipped_images(dataset):   # every rank: summed over loader workers and ranks
-            print0(f"skipped {n_skipped} unreadable images so far")
+    derived = {"global_batch": global_batch, "steps_per_epoch": steps_per_epoch, "images": len(dataset)}
+    run = Run(cfg, __file__, raw_model, opt, scaler, loader, steps_per_epoch, accum, derived)
+    run.resume()   # OUT/checkpoint.pth, if any; other settings stop here
+
+    for it, batches in run.steps():
+        for g in opt.param_groups:
+            g["lr"] = lr_sched[it]
+        for last, (images, _) in batches:
+            images = images.to(device, non_blocking=True)
+            with no_sync(model, last):
+                with autocast:
+                    loss, logs = model(images)                         # METHOD: crop, correlate, loss
+                scaler.scale(loss / accum).backward()
+            run.add(loss=loss, **logs)
+        optimizer_step(raw_model, opt, scaler, cfg.clip_grad, ema_sched[it])   # METHOD: + EMA target
+        if run.end_step(it, lr_sched[it]):                                     # epoch end or --stop-after
+            run.save(checkpoint(cfg, raw_model, opt, scaler), check=lambda: raw_model(images)[0])
+            if cfg.viz_every and (run.epoch + 1) % cfg.viz_every == 0 and rank == 0:
+                path = os.path.join(cfg.out, f"viz_epoch{run.epoch}.png")
+                visualize(raw_model, images, path, run.epoch)             # METHOD
 
 
 # ----------------------------------------------------------------------------- appendix: ViT (MAE-style)
@@ -665,30 +656,23 @@ def visualize(m, images, path, seed=0):
 
 
 def validate(cfg):
-    """Every bad flag -> one clear error before any data or model is built."""
-    if cfg.patch_size < 1 or cfg.batch_size < 1:
-        fail(f"--patch-size {cfg.patch_size} and --batch-size {cfg.batch_size} must be >= 1")
+    """Cross-flag rules (each flag's own range is Config.RANGES, checked by parse_config): one clear error
+    before any data or model is built."""
+    check_ranges(cfg)
     unit = 32 if cfg.arch == "resnet50" else cfg.patch_size   # ResNet-50: layer4 (stride 32) must tile the input
     for k in ("img_size", "context_size", "exemplar_size"):
-        if getattr(cfg, k) <= 0 or getattr(cfg, k) % unit:
+        if getattr(cfg, k) % unit:
             fail(f"--{k.replace('_', '-')} {getattr(cfg, k)}: must be a positive multiple of {unit} for {cfg.arch}")
     if cfg.exemplar_size > cfg.context_size:
         fail(f"--exemplar-size {cfg.exemplar_size} is larger than --context-size {cfg.context_size} (release: 64, 160)")
-    if not 0 < cfg.exemplar_scale_min <= cfg.exemplar_scale_max <= 1:
-        fail(f"exemplar scale range [{cfg.exemplar_scale_min}, {cfg.exemplar_scale_max}]: need 0 < min <= max <= 1")
-    if not 0 < cfg.exemplar_ratio_min <= cfg.exemplar_ratio_max:
-        fail(f"exemplar aspect range [{cfg.exemplar_ratio_min}, {cfg.exemplar_ratio_max}]: need 0 < min <= max")
-    if not 0 < cfg.search_scale_min <= 1:
-        fail(f"--search-scale-min {cfg.search_scale_min}: must be in (0, 1]")
-    if not 0 <= cfg.rotation <= 180 or cfg.box_tries < 1:
-        fail(f"--rotation {cfg.rotation} must be in [0, 180] degrees and --box-tries {cfg.box_tries} >= 1")
-    if not 1 <= cfg.num_exemplars <= 32:   # each exemplar is one more online-encoder pass per image
-        fail(f"--num-exemplars {cfg.num_exemplars}: must be between 1 and 32 (batch {cfg.batch_size} x "
-             f"{cfg.num_exemplars} exemplar images per step; release: 6)")
+    if cfg.exemplar_scale_min > cfg.exemplar_scale_max:
+        fail(f"exemplar scale range [{cfg.exemplar_scale_min}, {cfg.exemplar_scale_max}]: need min <= max")
+    if cfg.exemplar_ratio_min > cfg.exemplar_ratio_max:
+        fail(f"exemplar aspect range [{cfg.exemplar_ratio_min}, {cfg.exemplar_ratio_max}]: need min <= max")
     if cfg.decoder_dim % cfg.decoder_heads or cfg.decoder_dim % 4:
         fail(f"--decoder-dim {cfg.decoder_dim} must be divisible by 4 and by --decoder-heads {cfg.decoder_heads}")
-    if not 0 <= cfg.ema_momentum <= 1 or cfg.clip_grad < 0 or cfg.depth < 0:
-        fail("need 0 <= --ema-momentum <= 1, --clip-grad >= 0 and --depth >= 0")
+    if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:
+        fail(f"--warmup-epochs {cfg.warmup_epochs} >= --epochs {cfg.epochs}: the lr never reaches its peak")
 
 
 if __name__ == "__main__":

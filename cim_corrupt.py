@@ -11,9 +11,7 @@ dVAE; what that text leaves open is a flag (docs/cim_corrupt.md).
 Result: not measured on ImageNet; H200 step rate, small-image runs and pictures: docs/cim_corrupt.md.
 Sections: config | corruption | losses | model | data | training | appendix: ViT, dVAE, visualisation, checks.
 """
-import contextlib
 import dataclasses
-import itertools
 import math
 import os
 import pickle
@@ -27,9 +25,9 @@ from torchvision import transforms
 from torchvision.ops import stochastic_depth
 from torchvision.utils import save_image
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, Progress, accum_steps, all_finite, batch_warning, build_dataset,
-                    build_loader, cosine_schedule, fail, log_json, param_groups, parse_config, prepare_out, print0,
-                    resume, rng_state, run_settings, save_checkpoint, seed_all, setup_dist, skipped_images)
+from common import (IMAGENET_MEAN, IMAGENET_STD, Run, accum_steps, batch_warning, build_dataset,
+                    build_loader, check_ranges, cosine_schedule, fail, fail_all, no_sync,
+                    param_groups, parse_config, print0, save_checkpoint, seed_all, setup_dist)
 
 
 # ----------------------------------------------------------------------------- config
@@ -91,9 +89,25 @@ class Config:
     viz_every: int = 0            # PNG every N epochs: original | dVAE recon | corrupted | replaced | output; 0 = off
     preset: str = ""              # vit_base_300ep | resnet50_300ep (paper rows) | tiny | small32 (docs/cim_corrupt.md)
     paper_row: str = ""           # the paper row a preset reproduces, printed in the recipe line
+    allow_change: str = ""        # resume although these settings differ from the checkpoint's: a,b or all
 
     CHOICES = {"arch": ("vit_tiny", "vit_base", "resnet50"), "objective": ("respix", "revdet"),
                "amp": ("bf16", "fp16", "off"), "pos_embed": ("none", "learned"), "init": ("beit", "xavier")}
+    RANGES = {"img_size": ">= 1", "crop_min_scale": "(0, 1]", "depth": ">= 0", "patch_size": ">= 1",
+              "init_values": ">= 0", "drop_path": "[0, 1)", "lam": ">= 0", "respix_window": ">= 1",
+              "respix_eps": "> 0", "respix_l1": "[0, 1]", "gen_depth": ">= 1", "gen_dim": ">= 0",
+              "gen_share_blocks": ">= 0", "mask_ratio": "(0, 1)", "sample_temperature": "> 0", "tok_vocab": ">= 2",
+              "tok_hid": ">= 4", "tok_blocks": ">= 1", "tok_epochs": ">= 1", "tok_lr": "> 0", "tok_kl": ">= 0",
+              "epochs": ">= 0", "batch_size": ">= 1", "accum_iter": ">= 1", "global_batch": ">= 0",
+              "paper_batch": ">= 0", "blr": "> 0", "min_lr": ">= 0", "warmup_epochs": ">= 0",
+              "weight_decay": ">= 0", "clip_grad": ">= 0", "steps_per_epoch": ">= 0", "workers": ">= 0",
+              "seed": ">= 0", "log_every": ">= 1", "stop_after": ">= 0", "viz_every": ">= 0"}
+    # a flag given on the command line that the objective, tokenizer or arch would ignore is an error
+    ONLY_WITH = {**{k: ("objective", ("respix",)) for k in ("respix_window", "respix_eps", "respix_l1")},
+                 **{k: ("train_tokenizer", (True,))
+                    for k in ("tok_vocab", "tok_hid", "tok_blocks", "tok_epochs", "tok_lr", "tok_kl")},
+                 **{k: ("arch", ("vit_tiny", "vit_base"))
+                    for k in ("depth", "pos_embed", "init_values", "init", "gen_share_blocks")}}
     _TINY = dict(arch="vit_tiny", img_size=32, patch_size=4, batch_size=8, device="cpu", workers=0, epochs=1,
                  log_every=1, warmup_epochs=0, drop_path=0.0, blr=1.5e-2, gen_depth=2, gen_dim=192, tokenizer="random",
                  tok_vocab=512, tok_hid=64, tok_blocks=1, respix_window=4)
@@ -261,31 +275,47 @@ def build_transform(cfg):
 
 
 # ----------------------------------------------------------------------------- training
-def train_tokenizer(cfg, rank, world, device, path):
-    """DALL-E's dVAE recipe in small on the pre-training tokenizer view (Gumbel tau 1 -> 1/16). Not resumable."""
+def train_tokenizer(cfg, world, rank, device, path):
+    """DALL-E's dVAE recipe in small on the pre-training tokenizer view (Gumbel tau 1 -> 1/16), then the frozen
+    tokenizer file `path`. Resumable: OUT/tokenizer_checkpoint.pth every epoch (Run, prefix tokenizer_)."""
     tok = new_tokenizer(cfg, tok_size(cfg)).to(device)
-    loader = build_loader(build_dataset(cfg.data, "pretrain", build_transform(cfg), cfg.img_size), cfg.batch_size,
-                          world, rank, cfg.seed, cfg.workers, device)
+    dataset = build_dataset(cfg.data, "pretrain", build_transform(cfg), cfg.img_size)
+    loader = build_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device)
     spe = min(len(loader), cfg.steps_per_epoch or len(loader))
-    total, model = cfg.tok_epochs * spe, nn.parallel.DistributedDataParallel(tok) if world > 1 else tok
+    total = cfg.tok_epochs * spe
+    model = nn.parallel.DistributedDataParallel(tok) if world > 1 else tok
     opt = torch.optim.AdamW(tok.parameters(), lr=cfg.tok_lr, weight_decay=0.0, fused=device.type == "cuda")
-    lrs, taus = cosine_schedule(cfg.tok_lr, cfg.tok_lr / 10, total, spe), cosine_schedule(1.0, 1 / 16, total)
-    progress = Progress(total, cfg.batch_size * world, cfg.log_every)
-    for epoch in range(cfg.tok_epochs):
-        loader.sampler.set_epoch(epoch)
-        for i, (images, _) in enumerate(itertools.islice(loader, spe)):
-            it = epoch * spe + i
-            opt.param_groups[0]["lr"] = lrs[it]
+    lrs = cosine_schedule(cfg.tok_lr, cfg.tok_lr / 10, total, spe)
+    taus = cosine_schedule(1.0, 1 / 16, total)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)   # float32; kept for Run's checkpoint format
+    derived = {"global_batch": cfg.batch_size * world, "steps_per_epoch": spe, "images": len(dataset)}
+    run = Run(cfg, __file__, tok, opt, scaler, loader, spe, 1, derived, cfg.tok_epochs, prefix="tokenizer_")
+    run.resume()
+    for it, batches in run.steps():
+        opt.param_groups[0]["lr"] = lrs[it]
+        for _, (images, _) in batches:
             x = resize(images.to(device, non_blocking=True).float() / 255, tok_size(cfg)).clamp(0, 1)
             loss, logs = model(x, taus[it], cfg.tok_kl)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            progress.step(it, epoch, {"loss": loss, **logs}, lrs[it])
-    if rank == 0:
-        save_checkpoint(tok.state(), path)
-    if world > 1:
-        torch.distributed.barrier()   # the other ranks load the file next
+            run.add(loss=loss, **logs)
+        if run.end_step(it, lrs[it]):
+            state = {"model": tok.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict()}
+            run.save(state, check=lambda: tok(x, taus[it], cfg.tok_kl)[0])
+    if run.stopping:
+        raise SystemExit(0)
+    error = save_checkpoint(tok.state(), path) if rank == 0 else None
+    fail_all(error is None, error)   # the other ranks load the file next
+
+
+def checkpoint(cfg, raw_model, opt, scaler):
+    """What OUT/checkpoint.pth holds besides Run's bookkeeping: everything to resume, plus the enhancer as
+    finetune.py loads it (torchvision keys without fc.* or timm beit_* keys; BEiT fine-tuning pools by mean)."""
+    layout = dict if cfg.arch == "resnet50" else to_timm_layout
+    return {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+            "default_encoder": "enhancer", "encoders": {"enhancer": layout(raw_model.enhancer.state_dict())},
+            "encoder_args": raw_model.encoder_args, "pool": "mean"}
 
 
 def main(cfg):
@@ -295,18 +325,16 @@ def main(cfg):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # also for the fp32 dVAE
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if device.type == "cuda" else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    accum = accum_steps(cfg.global_batch, cfg.batch_size, world, cfg.accum_iter)
+    accum = accum_steps(cfg, world)
     global_batch = cfg.batch_size * world * accum
-    prepare_out(cfg.out, cfg, __file__)
     if cfg.train_tokenizer:                                            # METHOD: own dVAE where DALL-E's is unavailable
-        cfg.tokenizer = os.path.join(cfg.out, "tokenizer.pth")
-        if not os.path.isfile(cfg.tokenizer):
-            train_tokenizer(cfg, rank, world, device, cfg.tokenizer)
+        path = os.path.join(cfg.out, "tokenizer.pth")
+        if not os.path.isfile(path):
+            train_tokenizer(cfg, world, rank, device, path)
+        cfg.tokenizer = path
         if cfg.epochs == 0:
             return   # tokenizer only
     tokenizer = load_tokenizer(cfg).to(device)                         # METHOD: file errors stop the run here
-    if cfg.trust_pickle and not cfg.tokenizer and rank == 0:   # later runs: --tokenizer OUT/tokenizer.pth, no pickle
-        save_checkpoint(tokenizer.state(), os.path.join(cfg.out, "tokenizer.pth"))
     dataset = build_dataset(cfg.data, "pretrain", build_transform(cfg), cfg.img_size)
     loader = build_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device)
     steps_per_epoch = min(len(loader) // accum, cfg.steps_per_epoch or len(loader))   # optimizer steps
@@ -327,60 +355,35 @@ def main(cfg):
                             fused=device.type == "cuda")
     lr_sched = cosine_schedule(lr, cfg.min_lr, total_steps, cfg.warmup_epochs * steps_per_epoch,
                                warmup_endpoint=True)   # BEiT utils.cosine_scheduler
-    settings = dict(run_settings(cfg, __file__, ("arch", "epochs", "img_size", "patch_size", "objective", "blr")),
-                    global_batch=global_batch)
-    start = resume(cfg.out, raw_model, opt, scaler, rank, cfg.seed, settings=settings)
+    derived = {"global_batch": global_batch, "steps_per_epoch": steps_per_epoch, "images": len(dataset)}
+    run = Run(cfg, __file__, raw_model, opt, scaler, loader, steps_per_epoch, accum, derived)
+    run.resume()   # OUT/checkpoint.pth, if any; other settings stop here
+    if cfg.trust_pickle and not cfg.tokenizer and rank == 0:   # later runs: --tokenizer OUT/tokenizer.pth, no pickle
+        error = save_checkpoint(tokenizer.state(), os.path.join(cfg.out, "tokenizer.pth"))
+        if error:
+            fail(error)
 
-    def save(step):   # "encoders" / "encoder_args" / "default_encoder": what finetune.py loads
-        layout = dict if cfg.arch == "resnet50" else to_timm_layout   # torchvision keys (no fc.*) or timm beit_* keys
-        if rank == 0:
-            save_checkpoint({"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                             "scaler": scaler.state_dict(), "epoch": epoch, "rng": rng_state(), "settings": settings,
-                             "config": dataclasses.asdict(cfg), "default_encoder": "enhancer",
-                             "encoders": {"enhancer": layout(raw_model.enhancer.state_dict())},
-                             "encoder_args": raw_model.encoder_args, "pool": "mean"},   # BEiT fine-tuning pools by mean
-                            os.path.join(cfg.out, "checkpoint.pth"))
-
-    progress, last = Progress(total_steps, global_batch, cfg.log_every, cfg.out), {}
-    for epoch in range(start // steps_per_epoch, cfg.epochs):
-        loader.sampler.set_epoch(epoch)
-        first = start % steps_per_epoch if epoch == start // steps_per_epoch else 0
-        loader.sampler.start_step = first * accum                      # the sampler counts micro-batches
-        batches = iter(itertools.islice(loader, (steps_per_epoch - first) * accum))
-        raw_model.train()
-        for i in range(first, steps_per_epoch):
-            it = epoch * steps_per_epoch + i                           # optimizer steps index every schedule
-            for g in opt.param_groups:
-                g["lr"] = lr_sched[it]
-            opt.zero_grad(set_to_none=True)
-            logs = {}                                                  # means over the micro-batches
-            for j in range(accum):
-                images = next(batches)[0].to(device, non_blocking=True)
-                sync = model.no_sync() if world > 1 and j < accum - 1 else contextlib.nullcontext()
-                with sync:                                             # DDP all-reduces on the last micro-batch only
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        loss, parts = model(images)                    # METHOD: corrupt, enhance, L_gen + lam * L_enh
-                    scaler.scale(loss / accum).backward()
-                logs = {k: logs.get(k, 0) + v.detach() / accum for k, v in {"loss": loss, **parts}.items()}
-            if cfg.clip_grad > 0:                                      # METHOD: each network clipped on its own
-                scaler.unscale_(opt)
-                for params in raw_model.param_sets():
-                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-            scaler.step(opt)                                           # skipped on inf/NaN grads (fp16); no EMA here
-            scaler.update()
-            vals = progress.step(it, epoch, logs, lr_sched[it])
-            last = vals or last
-            if (vals is not None or i + 1 == steps_per_epoch) and not all_finite(torch.isfinite(logs["loss"])):
-                fail(f"loss is not finite at step {it + 1}; last good checkpoint kept in {cfg.out}")   # before a save
-            if cfg.stop_after and it + 1 - start >= cfg.stop_after:
-                save(it + 1)
-                return print0(f"stopping after {cfg.stop_after} steps; run the same command again to resume")
-        save(it + 1)
-        log_json(cfg.out, {"epoch": epoch, "step": it + 1, **last})
-        if cfg.viz_every and (epoch + 1) % cfg.viz_every == 0 and rank == 0:
-            visualize(raw_model, images, os.path.join(cfg.out, f"viz_epoch{epoch}.png"))   # METHOD
-        if n_skipped := skipped_images(dataset):   # every rank: summed over loader workers and ranks
-            print0(f"skipped {n_skipped} unreadable images so far")
+    for it, batches in run.steps():
+        for g in opt.param_groups:
+            g["lr"] = lr_sched[it]
+        opt.zero_grad(set_to_none=True)
+        for last, (images, _) in batches:
+            images = images.to(device, non_blocking=True)
+            with no_sync(model, last):
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss, logs = model(images)                         # METHOD: corrupt, enhance, L_gen + lam * L_enh
+                scaler.scale(loss / accum).backward()
+            run.add(loss=loss, **logs)
+        if cfg.clip_grad > 0:                                          # METHOD: each network clipped on its own
+            scaler.unscale_(opt)
+            for params in raw_model.param_sets():
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        scaler.step(opt)                                               # skipped on inf/NaN grads (fp16); no EMA here
+        scaler.update()
+        if run.end_step(it, lr_sched[it]):                             # epoch end or --stop-after
+            run.save(checkpoint(cfg, raw_model, opt, scaler), check=lambda: raw_model(images)[0])
+            if cfg.viz_every and (run.epoch + 1) % cfg.viz_every == 0 and rank == 0:
+                visualize(raw_model, images, os.path.join(cfg.out, f"viz_epoch{run.epoch}.png"))   # METHOD
 
 
 # ----------------------------------------------------------------------------- appendix: ViT (generator, enhancer)
@@ -604,8 +607,9 @@ def read_dvae_file(path, trust_pickle):
     except ModuleNotFoundError as e:   # DALL-E's .pkl files are dall_e modules
         fail(f"{path} is a pickled module that needs the Python package '{e.name}' (DALL-E's files: "
              "pip install --no-deps DALL-E attrs)")
-    except Exception as e:
-        fail(f"cannot read tokenizer file {path}: {str(e).splitlines()[0]}")
+    except Exception as e:   # empty, truncated, not a torch file
+        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        fail(f"cannot read tokenizer file {path} ({reason}); pass a complete file")
     return obj.state_dict() if isinstance(obj, nn.Module) else obj
 
 
@@ -671,14 +675,17 @@ def visualize(m, images, path):
 
 
 def validate(cfg):
-    """Every bad flag or missing file -> one clear error before any data, model or tokenizer is loaded."""
+    """Cross-flag rules and missing files (each flag's own range is Config.RANGES, checked by parse_config): one
+    clear error before any data, model or tokenizer is loaded."""
+    check_ranges(cfg)
     if cfg.img_size % cfg.patch_size:
         fail(f"--img-size {cfg.img_size} is not a multiple of --patch-size {cfg.patch_size}")
-    if not (0 < cfg.mask_ratio < 1 and cfg.sample_temperature > 0 and cfg.lam >= 0 and 0 <= cfg.respix_l1 <= 1
-            and 0 < cfg.crop_min_scale <= 1):
-        fail("need 0 < --mask-ratio < 1, --sample-temperature > 0, --lam >= 0, 0 <= --respix-l1, --crop-min-scale <= 1")
-    if not 1 <= cfg.respix_window <= min(cfg.img_size, 16 * (cfg.img_size // cfg.patch_size)) // 2:
+    if cfg.respix_window > min(cfg.img_size, 16 * (cfg.img_size // cfg.patch_size)) // 2:
         fail(f"--respix-window {cfg.respix_window}: must be between 1 and half the image side")
+    if cfg.epochs == 0 and not cfg.train_tokenizer:
+        fail("--epochs 0 trains nothing; it is for --train-tokenizer (train the dVAE only)")
+    if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs > 0:
+        fail(f"--warmup-epochs {cfg.warmup_epochs} >= --epochs {cfg.epochs}: the lr never reaches its peak")
     D, depth = VIT_SIZES.get(cfg.arch, (768, 0))[:2]
     Dg, K = cfg.gen_dim or D, cfg.gen_share_blocks
     if Dg % 64 or K and (not depth or Dg != D or K > min(cfg.gen_depth, cfg.depth or depth)):

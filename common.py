@@ -1,23 +1,31 @@
-"""common.py - generic helpers of the method files and finetune.py (no method in here); notes: docs/finetune.md."""
+"""common.py - the generic helpers of the method files and finetune.py; nothing from a paper lives here.
+
+Sections: config parsing | processes | schedules, weight decay | --out, checkpoints | the training run (Run) | data.
+The contracts a method file relies on are stated in each docstring; docs/finetune.md#commonpy has the overview.
+"""
 import argparse
 import atexit
 import dataclasses
 import datetime
+import errno
 import hashlib
 import inspect
+import itertools
 import json
+import math
 import os
 import random
 import re
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, default_collate
 from torchvision import datasets
 
 try:
@@ -25,30 +33,123 @@ try:
 except ImportError:
     fcntl = None
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-DATASETS = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100, "stl10": datasets.STL10}   # --data NAME
+if sys.version_info < (3, 10):
+    raise SystemExit("error: this project needs Python 3.10 or newer")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# --data NAME: torchvision's sets, downloaded once into the cache (named_dataset)
+DATASETS = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100, "stl10": datasets.STL10}
+# config fields that may change between a run and its resume: they do not change the run's math
+RESUME_FREE = ("workers", "log_every", "viz_every", "compile", "device", "stop_after", "out", "preset",
+               "allow_change", "paper_row", "paper_batch")
 _held_locks = {}   # --out path -> its open run.lock, flock-ed until this process ends
 
 
 def fail(msg):
-    raise SystemExit(f"error: {msg}")   # one line on stderr, exit code 1
+    """Stop with one line on stderr, `error: msg`, and exit code 1."""
+    raise SystemExit(f"error: {msg}")
+
+
+def fail_all(ok, msg):
+    """Collective stop: every rank calls this with its own `ok`; if any rank is not ok, rank 0 prints `msg` (one
+    line) and every rank exits with code 1. One all-reduce."""
+    if not all_finite(torch.tensor(bool(ok))):
+        raise SystemExit(f"error: {msg}" if rank0() else 1)
+
+# ----------------------------------------------------------------------------- config parsing
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):   # argparse prints usage + error; we print one line
+        fail(f"{message} (see --help)")
+
+
+def _to_bool(s):
+    words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+    if s.lower() not in words:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+    return words[s.lower()]
+
+
+def parse_range(spec):
+    """'> 0', '>= 1', '(0, 1)', '[0, 1)' ... -> (low, high, low_inclusive, high_inclusive)."""
+    m = re.fullmatch(r"\s*(>=?)\s*(\S+)\s*", spec)
+    if m:
+        return float(m[2]), math.inf, m[1] == ">=", False
+    m = re.fullmatch(r"\s*([\[(])\s*([^,]+),\s*([^\])]+)([\])])\s*", spec)
+    if not m:
+        raise ValueError(f"bad range {spec!r}")
+    return float(m[2]), float(m[3]), m[1] == "[", m[4] == "]"
+
+
+def in_range(value, spec):
+    low, high, low_in, high_in = parse_range(spec)
+    above = value >= low if low_in else value > low
+    below = value <= high if high_in else value < high
+    return math.isfinite(value) and above and below
 
 
 def parse_config(cls, argv=None, defaults=None):
-    """Flat @dataclass -> CLI; precedence: field < `defaults` < PRESETS[--preset] < command line."""
-    comments = dict(re.findall(r"^\s+(\w+)\s*:.*?#\s*(.*)$", inspect.getsource(cls), re.M))
-    parser = argparse.ArgumentParser(description=cls.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """Flat @dataclass -> command line; precedence: field < `defaults` < PRESETS[--preset] < command line.
+
+    The class may declare CHOICES (field -> allowed values), PRESETS (name -> field values), ONLY_WITH
+    (field -> (other field, allowed values): a flag given on the command line while the other field has
+    another value would be ignored, so it is an error) and must declare RANGES (field -> '> 0', '[0, 1)', ...)
+    for every int and float field. Every check runs here, before any work; a bad value ends in one `error:`
+    line. The comment after a field is its --help text."""
+    source = inspect.getsource(cls)
+    comments = dict(re.findall(r"^\s+(\w+)\s*:.*?#\s*(.*)$", source, re.M))
+    parser = _Parser(description=cls.__doc__,
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     presets = getattr(cls, "PRESETS", {})
-    choices = {**getattr(cls, "CHOICES", {}), "preset": ["", *presets]}   # field -> allowed values
-    to_bool = lambda s: {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}[s.lower()]
+    choices = {**getattr(cls, "CHOICES", {}), "preset": ["", *presets]}
+    ranges = getattr(cls, "RANGES", {})
     for f in dataclasses.fields(cls):
-        kind = dict(type=to_bool, nargs="?", const=True) if isinstance(f.default, bool) else dict(type=type(f.default))
+        if isinstance(f.default, bool):
+            kind = dict(type=_to_bool, nargs="?", const=True)
+        else:
+            kind = dict(type=type(f.default))
+            if type(f.default) in (int, float) and f.name not in ranges:
+                raise TypeError(f"{cls.__name__}.{f.name}: numeric field without a RANGES entry")
         name = f.name.rstrip("_")   # `from_` -> --from
-        parser.add_argument(*sorted({"--" + name, "--" + name.replace("_", "-")}), dest=f.name, default=f.default,
-                            choices=choices.get(f.name), help=comments.get(f.name, " ").replace("%", "%%"), **kind)
+        flags = sorted({"--" + name, "--" + name.replace("_", "-")})
+        spec = f" [{ranges[f.name]}]" if f.name in ranges else ""
+        text = comments.get(f.name, " ").replace("%", "%%") + spec
+        parser.add_argument(*flags, dest=f.name, default=f.default, choices=choices.get(f.name),
+                            help=text, **kind)
     preset = presets.get(parser.parse_known_args(argv)[0].__dict__.get("preset", ""), {})
     parser.set_defaults(**{**(defaults or {}), **preset})
-    return cls(**vars(parser.parse_args(argv)))
+    cfg = cls(**vars(parser.parse_args(argv)))
+    check_ranges(cfg)
+    # argparse fills in defaults only for names the namespace lacks: what stays unset was not given
+    unset = object()
+    namespace = argparse.Namespace(**{f.name: unset for f in dataclasses.fields(cls)})
+    given = {k for k, v in vars(parser.parse_args(argv, namespace)).items() if v is not unset}
+    for name, (other, allowed) in getattr(cls, "ONLY_WITH", {}).items():
+        if name in given and getattr(cfg, other) not in allowed:
+            if allowed == (True,):
+                where, now = f"--{_flag(other)}", f"a run without --{_flag(other)}"
+            else:
+                where = f"--{_flag(other)} {' or '.join(map(str, allowed))}"
+                now = f"--{_flag(other)} {getattr(cfg, other)}"
+            fail(f"--{_flag(name)} applies only with {where}; {now} ignores it, so drop it")
+    return cfg
+
+
+def check_ranges(cfg):
+    """Every field named in the config's RANGES within its range: one error line otherwise. parse_config
+    calls it; each main() calls it again for a Config built in Python."""
+    for name, spec in getattr(cfg, "RANGES", {}).items():
+        value = getattr(cfg, name)
+        if not in_range(value, spec):
+            fail(f"--{_flag(name)} {value}: must be {spec}")
+
+
+def _flag(name):
+    return name.rstrip("_").replace("_", "-")
+
+# ----------------------------------------------------------------------------- processes
 
 
 def setup_dist(device="cuda"):
@@ -57,17 +158,25 @@ def setup_dist(device="cuda"):
         fail("--device cuda but no GPU is visible; pass --device cpu")
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device)
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    local = int(os.environ["LOCAL_RANK"])
     device = torch.device(f"cuda:{local}" if device.startswith("cuda") else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
-    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())   # clean exit of every rank
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    # leave together: a gloo peer that exits first can abort the others
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return rank, world, device
 
 
+def rank0():
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def print0(*args, **kwargs):
-    if int(os.environ.get("RANK", 0)) == 0:
+    if rank0():
         print(*args, **kwargs, flush=True)
 
 
@@ -80,28 +189,22 @@ def seed_all(seed):
 def rng_state():
     """Every RNG a training step touches, in a form torch.load(weights_only=True) accepts."""
     npst = np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": (npst[0], torch.from_numpy(npst[1].astype(np.int64)), *npst[2:]),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "numpy": (npst[0], torch.from_numpy(npst[1].astype(np.int64)), *npst[2:]), "cuda": cuda}
 
 
-def accum_steps(global_batch, batch_size, world, accum_iter=1):
-    if global_batch and global_batch % (batch_size * world):
-        fail(f"--global-batch {global_batch} is not a multiple of --batch-size {batch_size} x {world} processes")
-    if accum_iter < 1:
-        fail(f"--accum-iter {accum_iter}: must be >= 1")
-    return global_batch // (batch_size * world) if global_batch else accum_iter
-
-
-def batch_warning(global_batch, paper_batch, steps_per_epoch):
-    if paper_batch and not 0.5 <= global_batch / paper_batch <= 2:
-        r = paper_batch / global_batch
-        print0(f"warning: global batch {global_batch} vs the recipe's {paper_batch}: {steps_per_epoch} steps/epoch, so "
-               f"per-step EMA and lr schedules act {r:.1f}x as often per image; --global-batch {paper_batch} matches")
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state((s["numpy"][0], s["numpy"][1].numpy().astype(np.uint32), *s["numpy"][2:]))
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
 
 
 def reduce_mean(t):
-    t = t.detach().float().clone()
+    """Mean over ranks of a 0-d tensor or number -> float (a host sync: call it on log steps only)."""
+    t = torch.as_tensor(t).detach().float().clone()
     if dist.is_initialized():
         t = t.cuda() if dist.get_backend() == "nccl" else t
         dist.all_reduce(t)
@@ -110,35 +213,79 @@ def reduce_mean(t):
 
 
 def all_finite(flag):
-    """True when the 0-d bool tensor `flag` is True on every rank (one all-reduce: call it on log steps only)."""
+    """True when the 0-d bool tensor `flag` is True on every rank (one all-reduce)."""
     return reduce_mean(flag) == 1.0
 
 
+def no_sync(model, last):
+    """DDP all-reduces gradients on the last micro-batch of an optimizer step only."""
+    return model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext()
+
+# ----------------------------------------------------------------------------- schedules, weight decay
+
+
+def accum_steps(cfg, world):
+    """Micro-batches per optimizer step: --global-batch G gives G / (batch x GPUs); else --accum-iter."""
+    if cfg.global_batch and cfg.accum_iter != 1:
+        fail(f"--global-batch {cfg.global_batch} and --accum-iter {cfg.accum_iter} both set the "
+             "accumulation: pass one of them")
+    if cfg.global_batch and cfg.global_batch % (cfg.batch_size * world):
+        fail(f"--global-batch {cfg.global_batch} is not a multiple of --batch-size {cfg.batch_size} x "
+             f"{world} processes")
+    if cfg.global_batch:
+        return cfg.global_batch // (cfg.batch_size * world)
+    return cfg.accum_iter
+
+
+def batch_warning(global_batch, paper_batch, steps_per_epoch):
+    if paper_batch and not 0.5 <= global_batch / paper_batch <= 2:
+        r = paper_batch / global_batch
+        print0(f"warning: global batch {global_batch} vs the recipe's {paper_batch}: {steps_per_epoch} "
+               f"steps/epoch, so per-step EMA and lr schedules act {r:.1f}x as often per image; "
+               f"--global-batch {paper_batch} matches")
+
+
 def cosine_schedule(base, final, total_steps, warmup_steps=0, warmup_start=0.0, warmup_endpoint=False):
-    """Per-step values: linear warmup_start -> base (endpoint included as BEiT's scheduler), then cosine -> final."""
+    """Per-step values: linear warmup_start -> base (endpoint included as BEiT's scheduler), then cosine
+    -> final."""
     warmup = np.linspace(warmup_start, base, warmup_steps, endpoint=warmup_endpoint)
-    t = np.arange(max(total_steps - warmup_steps, 0)) / max(total_steps - warmup_steps, 1)
-    return np.concatenate([warmup, final + 0.5 * (base - final) * (1 + np.cos(np.pi * t))])[:total_steps].tolist()
+    n = max(total_steps - warmup_steps, 0)
+    t = np.arange(n) / max(n, 1)
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t))
+    return np.concatenate([warmup, cosine])[:total_steps].tolist()
 
 
 def no_decay(name, p):
-    """timm/BEiT: no weight decay on 1-D params (biases, norms, layer scale), positions, tokens, rel-pos tables."""
+    """timm/BEiT: no weight decay on 1-D params (biases, norms, layer scale), positions, tokens, rel-pos
+    tables."""
     names = ("pos_embed", "cls_token", "mask_token", "relative_position_bias_table")
     return p.ndim <= 1 or name.split(".")[-1] in names
 
 
 def param_groups(model, weight_decay, skip_decay=no_decay):
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [{"params": [p for n, p in named if not skip_decay(n, p)], "weight_decay": weight_decay},
-            {"params": [p for n, p in named if skip_decay(n, p)], "weight_decay": 0.0}]
+    decay = [p for n, p in named if not skip_decay(n, p)]
+    rest = [p for n, p in named if skip_decay(n, p)]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+# ----------------------------------------------------------------------------- --out, checkpoints
 
 
-def prepare_out(out, cfg, script):
-    """Rank 0: create --out, lock it for this process's life, save config.json and a copy of the script."""
-    if int(os.environ.get("RANK", 0)) or os.path.realpath(out) in _held_locks:
+def lock_out(out, create):
+    """Rank 0: flock OUT/run.lock for the life of this process (a second live run into --out stops). With
+    create=False nothing is created: an --out without run.lock has no live run to wait for."""
+    if not rank0() or os.path.realpath(out) in _held_locks:
         return
-    os.makedirs(out, exist_ok=True)
-    lock = open(os.path.join(out, "run.lock"), "a")
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"--out {out} is a file, not a folder; pass a folder")
+    path = os.path.join(out, "run.lock")
+    if not create and not os.path.exists(path):
+        return
+    try:
+        os.makedirs(out, exist_ok=True)
+        lock = open(path, "a")
+    except OSError as e:
+        fail(f"cannot write to --out {out} ({e.strerror}); pass a folder you can write to")
     try:   # the kernel drops the lock when the process ends, however it ends: no stale lock
         if fcntl:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -147,157 +294,467 @@ def prepare_out(out, cfg, script):
     except OSError as e:   # a file system without flock (e.g. Lustre mounted without it): run unlocked
         print0(f"warning: cannot lock --out {out} ({e.strerror}): make sure no other run writes there")
     _held_locks[os.path.realpath(out)] = lock
-    shutil.copy(script, os.path.join(out, os.path.basename(script)))
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
+
+
+def write_record(out, cfg, script):
+    """Rank 0, once the run is accepted: OUT/config.json and copies of the script and of common.py, so that
+    OUT says exactly which code and settings made it."""
+    if not rank0():
+        return
+    lock_out(out, create=True)
+    try:
+        for src in (script, __file__):
+            shutil.copy(src, os.path.join(out, os.path.basename(src)))
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+    except OSError as e:
+        fail(f"cannot write to --out {out} ({e.strerror}); pass a folder you can write to")
+
+
+def prepare_out(out, cfg, script):
+    """--out of a run that resumes nothing (kNN): lock it and write the run record."""
+    lock_out(out, create=True)
+    write_record(out, cfg, script)
 
 
 def save_checkpoint(state, path):
-    with open(path + ".tmp", "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)   # atomic: a crash never leaves a broken checkpoint
-
-
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        fail(f"checkpoint {path} does not exist")
+    """Atomic: write PATH.tmp, fsync, rename. On any error the temporary file is removed, the previous PATH
+    stays as it was, and the error (one line) is returned; None on success."""
+    tmp = path + ".tmp"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}")
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return None
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        hint = "free some space" if e.errno == errno.ENOSPC else "check the folder"
+        return f"cannot save {path} ({e.strerror or e}): {hint} and run the same command to resume"
+
+
+def load_checkpoint(path, what="checkpoint"):
+    """torch.load(weights_only) -> dict, or one error line for a missing, empty, truncated or foreign file."""
+    if not os.path.isfile(path):
+        fail(f"{what} {path} does not exist")
+    if os.path.getsize(path) == 0:
+        fail(f"{what} {path} is an empty file; pass a checkpoint written by this project")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # truncated zip, a text file, a pickle with code in it, ...
+        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        fail(f"cannot read {what} {path} ({reason}); pass a complete checkpoint written by this project")
+    if not isinstance(ck, dict):
+        fail(f"{what} {path} holds a {type(ck).__name__}, not a checkpoint of this project")
+    return ck
 
 
 def file_hash(path):
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:12]
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
 
 
-def run_settings(cfg, script, keys=("arch", "epochs"), **extra):
-    return {"script": os.path.basename(script), **{k: getattr(cfg, k) for k in keys}, **extra}
-
-
-def resume(out, raw_model, opt, scaler, rank=0, seed=0, settings=None):
-    """Resume out/checkpoint.pth if present -> global step done; other `settings` (run_settings) stop the run."""
-    path = os.path.join(out, "checkpoint.pth")
-    if not os.path.isfile(path):
-        return 0
-    ck = load_checkpoint(path)
-    old = ck.get("settings", {})
-    diff = [f"{k}: {old[k]} -> {v}" for k, v in (settings or {}).items() if old.get(k, v) != v]
-    if diff:
-        fail(f"--out {out} holds a different run ({', '.join(diff)}); pass a new --out, or the old values to resume")
-    try:
-        raw_model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        fail(f"--out {out} holds another model's checkpoint ({str(e).splitlines()[0][:100]}); pass a new --out")
-    scaler.load_state_dict(ck["scaler"])
-    s = ck["rng"]   # rank 0's RNG streams
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    np.random.set_state((s["numpy"][0], s["numpy"][1].numpy().astype(np.uint32), *s["numpy"][2:]))
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    if rank:
-        seed_all(seed + 1000 * ck["step"] + rank)   # other ranks: fresh, distinct streams
-    print0(f"resumed from {path} at step {ck['step']}")
-    return ck["step"]
-
-
-def log_json(out, record):
-    if int(os.environ.get("RANK", 0)) == 0:
-        with open(os.path.join(out, "log.jsonl"), "a") as f:
+def log_json(out, record, name="log.jsonl"):
+    if rank0():
+        with open(os.path.join(out, name), "a") as f:
             f.write(json.dumps(record) + "\n")
 
 
+def trim_log(path, step):
+    """Drop the records of steps after `step` (a resume redoes them), so every step is logged once."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    kept = [r for r in records if r.get("step", 0) <= step]
+    if len(kept) < len(records):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(path + ".tmp", path)
+
+
+def compare_settings(old, new, allowed):
+    """-> (refused, accepted): 'name: old -> new' for every differing key; RESUME_FREE keys never count."""
+    keys = [k for k in new if k in old and k not in RESUME_FREE and old[k] != new[k]]
+    diffs = {k: f"{k}: {old[k]} -> {new[k]}" for k in keys}
+    free = set(keys) if "all" in allowed else set(allowed) & set(keys)
+    return [d for k, d in diffs.items() if k not in free], [d for k, d in diffs.items() if k in free]
+
+# ----------------------------------------------------------------------------- the training run
+
+
+class Run:
+    """What a training loop does besides the method: resume and its settings guard, the run record in --out,
+    epochs and optimizer steps (a mid-epoch resume, gradient accumulation, --stop-after), progress lines, the
+    divergence guard, and checkpoints that are never worse than the last good one. A method file's loop:
+
+        for it, batches in run.steps():          # the optimizer steps still to run
+            (set the lr of step it)
+            for last, batch in batches:          # `accum` micro-batches
+                with no_sync(model, last):       # DDP all-reduces on the last one
+                    (forward, backward)
+                run.add(loss=loss, **logs)       # 0-d tensors or floats: means over the micro-batches
+            (optimizer step, EMA)
+            if run.end_step(it, lr):             # progress line; True at an epoch end or --stop-after
+                run.save(state, check)           # checks every parameter and check() (a loss) first
+
+    `derived` holds values that define the run without being flags (global batch, steps per epoch, data size):
+    a resume compares them with the config. `prefix` names a second run in the same --out (a tokenizer)."""
+
+    def __init__(self, cfg, script, raw_model, opt, scaler, loader, steps_per_epoch, accum=1,
+                 derived=None, epochs=None, prefix=""):
+        self.cfg, self.script, self.raw_model = cfg, script, raw_model
+        self.opt, self.scaler, self.loader = opt, scaler, loader
+        self.steps_per_epoch, self.accum = steps_per_epoch, accum
+        self.epochs = cfg.epochs if epochs is None else epochs
+        self.total = self.epochs * steps_per_epoch
+        self.derived = {"script": os.path.basename(script), **(derived or {})}
+        self.path = os.path.join(cfg.out, prefix + "checkpoint.pth")
+        self.log_name, self.steps_name = prefix + "log.jsonl", prefix + "steps.jsonl"
+        global_batch = self.derived.get("global_batch", 0)
+        self.progress = Progress(self.total, global_batch, cfg.log_every, cfg.out, self.steps_name)
+        self.start = self.saved = 0   # optimizer steps done at the start / in the last checkpoint
+        self.epoch, self.stopping, self.logs, self.vals = 0, False, {}, {}
+        self.first_bad = None   # device tensor: first step whose loss was not finite (-1: none yet)
+        self.meta = {}   # the resumed checkpoint's plain values (step, epoch, and what the script added)
+
+    def resume(self):
+        """Lock --out; resume OUT/checkpoint.pth if there is one. Settings that differ from the checkpoint's
+        (every config field except RESUME_FREE, and `derived`) stop the run with one line naming each, unless
+        --allow-change names them. Only then is the run record written. -> optimizer steps already done."""
+        cfg, out = self.cfg, self.cfg.out
+        lock_out(out, create=False)
+        changes = []
+        if os.path.isfile(self.path):
+            ck = load_checkpoint(self.path)
+            old = {**ck.get("config", {}), **ck.get("derived", {})}
+            new = {**dataclasses.asdict(cfg), **self.derived}
+            allowed = [k.strip().replace("-", "_") for k in cfg.allow_change.split(",") if k.strip()]
+            refused, changes = compare_settings(old, new, allowed)
+            if refused:
+                fail(f"--out {out} holds a run with other settings ({'; '.join(refused)}); pass the old "
+                     f"values to resume it, --allow-change {','.join(r.split(':')[0] for r in refused)} "
+                     "to resume with the new ones, or a new --out")
+            try:
+                self.raw_model.load_state_dict(ck["model"])
+                self.opt.load_state_dict(ck["optimizer"])
+                self.scaler.load_state_dict(ck["scaler"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                reason = str(e).splitlines()[0][:100]
+                fail(f"--out {out} holds another model's checkpoint ({reason}); pass a new --out")
+            set_rng_state(ck["rng"])   # rank 0's streams
+            self.meta = {k: v for k, v in ck.items() if isinstance(v, (int, float, str))}
+            self.start = self.saved = ck["step"]
+            if not rank0():   # other ranks: fresh, distinct streams
+                seed_all(cfg.seed + 1000 * ck["step"] + int(os.environ.get("RANK", 0)))
+        write_record(out, cfg, self.script)
+        if rank0():
+            for name in (self.log_name, self.steps_name):
+                trim_log(os.path.join(out, name), self.start)
+        if self.start:
+            print0(f"resumed from {self.path} at step {self.start}")
+        if changes:
+            print0(f"resuming with changed settings (--allow-change): {'; '.join(changes)}")
+            log_json(out, {"resumed_at": self.start, "resume_changes": changes}, self.log_name)
+        return self.start
+
+    def steps(self):
+        """Yield (it, batches) for every optimizer step still to run, it = global step index; `batches` yields
+        (last, micro-batch) `accum` times. The sampler resumes mid-epoch; --stop-after ends the loop."""
+        spe, accum = self.steps_per_epoch, self.accum
+        for epoch in range(self.start // spe, self.epochs):
+            self.epoch = epoch
+            first = self.start % spe if epoch == self.start // spe else 0
+            self.loader.sampler.set_epoch(epoch)
+            self.loader.sampler.start_step = first * accum   # the sampler counts micro-batches
+            micro = iter(itertools.islice(self.loader, (spe - first) * accum))   # no extra fetch
+            self.raw_model.train()
+            for i in range(first, spe):
+                yield epoch * spe + i, ((j + 1 == accum, next(micro)) for j in range(accum))
+                if self.stopping:
+                    return
+
+    def add(self, **logs):
+        """Values of one micro-batch (0-d tensors or floats); the step logs their mean."""
+        for k, v in logs.items():
+            v = v.detach() if torch.is_tensor(v) else torch.tensor(float(v))
+            self.logs[k] = self.logs.get(k, 0) + v.float() / self.accum
+
+    def end_step(self, it, lr):
+        """After optimizer step `it`: progress line on log steps, where a non-finite loss on any rank also stops
+        the run (before any save). -> True when a checkpoint is due (epoch end or --stop-after)."""
+        logs, self.logs = self.logs, {}
+        loss = torch.as_tensor(logs["loss"])
+        if self.first_bad is None:
+            self.first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+        new_bad = (self.first_bad < 0) & ~torch.isfinite(loss)
+        self.first_bad = torch.where(new_bad, torch.full_like(self.first_bad, it + 1), self.first_bad)
+        vals = self.progress.step(it, self.epoch, logs, lr)
+        if vals is not None:
+            self.vals = vals
+            if not all_finite(self.first_bad < 0):
+                self.stop_diverged(it + 1)
+        stop = self.cfg.stop_after
+        self.stopping = bool(stop) and it + 1 - self.start >= stop and it + 1 < self.total
+        return (it + 1) % self.steps_per_epoch == 0 or self.stopping
+
+    def stop_diverged(self, step):
+        """Every rank (the first bad step is a collective): one line from rank 0, exit code 1 everywhere."""
+        first = self.first_bad_step()
+        if first:
+            what = f"the loss was first NaN/inf at step {first}"
+        else:
+            what = f"the weights after step {step} are NaN/inf or give a NaN/inf loss"
+        if self.saved:
+            kept = f"{self.path} from step {self.saved} is kept: resume it with a lower lr or with clipping"
+        else:
+            kept = "no checkpoint was saved yet: start again with a lower lr or with clipping"
+        raise SystemExit(f"error: training diverged: {what}; stopped, {kept}" if rank0() else 1)
+
+    def first_bad_step(self):
+        if self.first_bad is None:
+            return 0
+        t = torch.where(self.first_bad < 0, torch.full_like(self.first_bad, 2**62), self.first_bad)
+        if dist.is_initialized():
+            t = t.cuda() if dist.get_backend() == "nccl" else t
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t) if int(t) < 2**62 else 0
+
+    def save(self, state, check, files=None, **record):
+        """Every rank: the loss of every step since the last check, every parameter and buffer, and check() -
+        the loss of the weights about to be saved on the last batch - must be finite (one all-reduce), else the
+        run stops with the step where it diverged and the checkpoint kept: weights that one step at a huge lr
+        blew up to finite but useless values fail check(). Rank 0 then writes OUT/checkpoint.pth (state + step,
+        epoch, RNG, config) and `files` ({name: state}) atomically; a failed write keeps the previous files and
+        stops every rank. Then one log.jsonl record (the last logged values and `record`)."""
+        step = self.progress.done
+        tensors = [t for t in itertools.chain(self.raw_model.parameters(), self.raw_model.buffers())
+                   if t.is_floating_point()]
+        ok = torch.stack([t.isfinite().all() for t in tensors]).all() & (self.first_bad < 0)
+        ok = ok & torch.isfinite(self.loss_now(check)).to(ok.device)
+        if not all_finite(ok):
+            self.stop_diverged(step)
+        error = None
+        if rank0():
+            state = {**state, "step": step, "epoch": self.epoch, "rng": rng_state(),
+                     "config": dataclasses.asdict(self.cfg), "derived": self.derived}
+            for name, s in {**(files or {}), os.path.basename(self.path): state}.items():
+                error = error or save_checkpoint(s, os.path.join(self.cfg.out, name))
+        fail_all(error is None, error)
+        self.saved = step
+        log_json(self.cfg.out, {"epoch": self.epoch, "step": step, **self.vals, **record}, self.log_name)
+        n = skipped_images(self.loader.dataset)
+        if n:
+            print0(f"{n} unreadable images skipped so far (named above)")
+        if self.stopping:
+            print0(f"stopping after {self.cfg.stop_after} steps; run the same command again to resume")
+
+    def loss_now(self, check):
+        """check() without gradients, then the RNG streams and buffers (BatchNorm statistics) as they were:
+        the run trains exactly as it would without the check."""
+        buffers = [b.clone() for b in self.raw_model.buffers()]
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            loss = torch.as_tensor(check()).float()
+        for b, saved in zip(self.raw_model.buffers(), buffers):
+            b.copy_(saved)
+        return loss
+
+
+class Progress:
+    """Prints `ep e step s/n | loss .. | lr | img/s | eta` every `every` steps, and with `out` appends the
+    same values to OUT/steps.jsonl (pretext metrics against steps). Only log steps read device values."""
+
+    def __init__(self, total_steps, global_batch, every=50, out=None, name="steps.jsonl"):
+        self.total, self.batch, self.every = total_steps, global_batch, every
+        self.out, self.name = out, name
+        self.last, self.t0, self.done = None, time.time(), 0
+
+    def step(self, it, epoch, logs, lr):
+        """it: global step just done; logs: 0-d tensors or floats (averaged over ranks here) -> dict of
+        floats on log steps, else None."""
+        self.done = it + 1
+        self.last = self.last or (it, self.t0)   # first call, maybe after a resume
+        if (it + 1) % self.every and it + 1 != self.total:
+            return None
+        vals = {k: reduce_mean(v) for k, v in logs.items()}
+        seconds = max(time.time() - self.last[1], 1e-9)
+        rate = (it + 1 - self.last[0]) * self.batch / seconds   # img/s since the last log
+        self.last = (it + 1, time.time())
+        eta = datetime.timedelta(seconds=int((self.total - it - 1) * self.batch / max(rate, 1e-9)))
+        metrics = " ".join(f"{k} {v:.4f}" for k, v in vals.items())
+        print0(f"ep {epoch} step {it + 1}/{self.total} | {metrics} | lr {lr:.2e} | {rate:.1f} img/s | "
+               f"eta {eta}")
+        if self.out:
+            record = {"step": it + 1, "epoch": epoch, **vals, "lr": lr, "img_s": rate}
+            log_json(self.out, record, self.name)
+        return vals
+
+# ----------------------------------------------------------------------------- data
+
+
 def load_image(path):
-    """Any PIL-readable image as RGB: grayscale, CMYK, palette, alpha and 16-bit (rescaled, not clipped) too."""
+    """Any PIL-readable image as RGB: grayscale, CMYK, palette, alpha and 16-bit (rescaled, not clipped)."""
     with Image.open(path) as img:
         if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             a = np.asarray(img, dtype=np.float32)
-            img = Image.fromarray(np.uint8(255 * (a - a.min()) / max(float(a.max() - a.min()), 1e-6)))
-        return img.convert("RGBA").convert("RGB") if img.mode in ("P", "PA", "LA") else img.convert("RGB")
+            a = 255 * (a - a.min()) / max(float(a.max() - a.min()), 1e-6)
+            img = Image.fromarray(np.uint8(a))
+        if img.mode in ("P", "PA", "LA"):
+            return img.convert("RGBA").convert("RGB")
+        return img.convert("RGB")
+
+
+def warn_unreadable(path, e):
+    print(f"warning: skipping unreadable image {path}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
 
 
 class ImageFolder(datasets.ImageFolder):
-    """torchvision's class folders via load_image; an unreadable file is reported, counted and replaced."""
+    """torchvision's class folders read with load_image; hidden folders and files (names starting with '.')
+    are not data. An unreadable file is named on stderr and counted in `skipped` (shared by loader workers);
+    training (substitute=True) takes the next readable image in its place, so batches keep their size;
+    evaluation (substitute=False) drops it: __getitem__ returns None and collate() leaves it out."""
 
-    def __init__(self, root, transform):
+    PROBE = 16   # files decoded at start: if none is readable, the folder is one error line
+
+    def __init__(self, root, transform, substitute=True):
+        self.substitute = substitute
         try:   # torchvision's errors: no such directory, no class folder, a class folder without images
-            super().__init__(root, transform, loader=load_image)
+            super().__init__(root, transform, loader=load_image, is_valid_file=self.valid_file)
         except FileNotFoundError as e:
             fail(f"data directory {root}: {e}")
-        self.skipped = torch.zeros(1, dtype=torch.int64).share_memory_()   # loader workers add to it too
+        self.skipped = torch.zeros(1, dtype=torch.int64).share_memory_()   # loader workers add to it
+        self.probe(root)
+
+    @staticmethod
+    def valid_file(path):
+        name = os.path.basename(path)
+        return not name.startswith(".") and name.lower().endswith(datasets.folder.IMG_EXTENSIONS)
+
+    def find_classes(self, directory):
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {c: i for i, c in enumerate(classes)}
+
+    def probe(self, root):
+        step = max(1, len(self.samples) // self.PROBE)
+        errors = []
+        for path, _ in self.samples[::step][:self.PROBE]:
+            try:
+                load_image(path).load()
+                return
+            except Exception as e:
+                errors.append(f"{path}: {type(e).__name__}")
+        fail(f"data directory {root}: none of {len(errors)} sampled files is a readable image "
+             f"(e.g. {errors[0]}); check the folder")
 
     def __getitem__(self, idx):
-        for k in range(len(self.samples)):
+        tries = 50 if self.substitute else 1
+        for k in range(tries):
+            path = self.samples[(idx + k) % len(self.samples)][0]
             try:
                 return super().__getitem__((idx + k) % len(self.samples))
-            except Exception as e:   # truncated, corrupt, not an image: skip and count, never crash mid-epoch
+            except Exception as e:   # truncated, corrupt, not an image: never crash mid-epoch
                 self.skipped += 1
-                path = self.samples[(idx + k) % len(self.samples)][0]
-                print(f"warning: skipping unreadable image {path}: {type(e).__name__}: {e}", file=sys.stderr)
-        raise RuntimeError(f"no readable image in {len(self.samples)} files")
+                warn_unreadable(path, e)
+        if self.substitute:
+            raise RuntimeError(f"{tries} unreadable images in a row in {self.root}")
+        return None
+
+
+class Indexed(torch.utils.data.Dataset):
+    """(x, y) -> (x, y, index): evaluation keeps track of which sample each row is (None stays None)."""
+
+    def __init__(self, dataset):
+        self.dataset, self.classes = dataset, dataset.classes
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        item = self.dataset[i]
+        return None if item is None else (*item, i)
+
+
+def collate(batch):
+    """default_collate without the samples a dataset dropped (None)."""
+    batch = [b for b in batch if b is not None]
+    return default_collate(batch) if batch else None
 
 
 def skipped_images(dataset):
-    """Unreadable images met so far, summed over loader workers (shared counter) and ranks; 0 for a named set."""
-    dataset = getattr(dataset, "dataset", dataset)   # a Subset: look inside
-    skipped = getattr(dataset, "skipped", torch.zeros(1))   # named sets: arrays in memory are never unreadable
-    return round(reduce_mean(skipped[0]) * (dist.get_world_size() if dist.is_initialized() else 1))
+    """Unreadable images met so far, summed over loader workers (shared counter) and ranks; 0 for a
+    named set."""
+    while hasattr(dataset, "dataset"):   # Subset, Indexed: look inside
+        dataset = dataset.dataset
+    skipped = getattr(dataset, "skipped", torch.zeros(1))   # arrays in memory are never unreadable
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return round(reduce_mean(skipped[0]) * world)
 
 
 class SyntheticImages(datasets.FakeData):
-    """Deterministic random images (smoke tests, speed runs): sample i is always the same blobs + noise picture."""
+    """Deterministic random images (smoke tests, speed runs): sample i is always the same blobs + noise."""
 
     def __init__(self, n, img_size, transform, num_classes=10):
         super().__init__(n, (3, img_size, img_size), num_classes, transform)
-        self.classes, self.skipped = [str(i) for i in range(num_classes)], torch.zeros(1, dtype=torch.int64)
+        self.classes = [str(i) for i in range(num_classes)]
+        self.skipped = torch.zeros(1, dtype=torch.int64)
 
     def __getitem__(self, idx):
         g, s = torch.Generator().manual_seed(idx), self.image_size[-1]
-        low = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=(s, s), mode="bilinear")[0]
+        low = torch.rand(1, 3, 4, 4, generator=g)
+        low = torch.nn.functional.interpolate(low, size=(s, s), mode="bilinear")[0]
         img = (0.8 * low + 0.2 * torch.rand(3, s, s, generator=g)).permute(1, 2, 0).numpy()
         return self.transform(Image.fromarray((img * 255).astype(np.uint8))), idx % self.num_classes
 
 
+def dataset_cache():
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.environ.get("MIMREF_DATASETS") or os.path.join(cache, "mimref-datasets")
+
+
 def named_dataset(name, split, transform):
-    """torchvision's CIFAR-10/100 (train, val = test) or STL-10 (pretrain = its 100k unlabeled images, train, val =
-    test): PIL RGB images, int labels. Rank 0 downloads what is missing into the cache first, then the others load."""
-    root = os.environ.get("MIMREF_DATASETS") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mimref-datasets")
-    cls, rank, ds, err = DATASETS[name], int(os.environ.get("RANK", 0)), None, ""
-    stl = {"pretrain": "unlabeled", "val": "test"}.get(split, split)   # STL-10 pre-trains on its unlabeled images
+    """torchvision's CIFAR-10/100 (train, val = test) or STL-10 (pretrain = its 100k unlabeled images,
+    train, val = test): PIL RGB images, int labels. Rank 0 downloads what is missing into the cache first,
+    then the others load."""
+    root, cls, ds, err = dataset_cache(), DATASETS[name], None, ""
+    stl = {"pretrain": "unlabeled", "val": "test"}.get(split, split)   # STL-10 pre-trains on unlabeled
     which = {"split": stl} if name == "stl10" else {"train": split != "val"}
-    if not rank:
-        try:   # torchvision checks every file's md5 sum first, and downloads only when one is missing or wrong
+    if rank0():
+        try:   # torchvision checks every file's md5 sum, and downloads only a missing or wrong one
             ds = cls(root, **which, transform=transform, download=True)
-        except (RuntimeError, OSError) as e:   # no network (URLError), a partial archive or a bad md5 sum
-            err = (f"--data {name}: cannot download or verify {cls.base_folder} in {root} ({' '.join(str(e).split())}"
-                   f"); delete it and {cls.filename} there to download again, or save {cls.url} there by hand")
-    if not all_finite(torch.tensor(not err)):   # one all-reduce: the other ranks wait here for rank 0
-        raise SystemExit(f"error: {err}" if err else 1)   # one line, from rank 0; the other ranks leave quietly
+        except (RuntimeError, OSError) as e:   # no network (URLError), a partial archive, a bad md5 sum
+            err = (f"--data {name}: cannot download or verify {cls.base_folder} in {root} "
+                   f"({' '.join(str(e).split())}); delete it and {cls.filename} there to download again, "
+                   f"or save {cls.url} there by hand")
+    fail_all(not err, err)   # the other ranks wait here for rank 0
     try:
         return ds if ds is not None else cls(root, **which, transform=transform)
     except RuntimeError:   # torchvision's "not found or corrupted": rank 0 filled another machine's cache
-        fail(f"--data {name}: rank {rank} finds no verified copy in {root}; set MIMREF_DATASETS to a folder every node "
-             f"shares (rank 0 downloads), or copy rank 0's there")
+        fail(f"--data {name}: rank {os.environ.get('RANK', 0)} finds no verified copy in {root}; set "
+             "MIMREF_DATASETS to a folder every node shares (rank 0 downloads), or copy rank 0's there")
 
 
 def build_dataset(data, split, transform, img_size=224, synthetic_size=512):
-    """split pretrain | train | val of `synthetic`, a DATASETS name, ROOT with ROOT/train and ROOT/val (or validate),
-    or a flat class-folder ROOT (-> None for val). pretrain = train, except STL-10's unlabeled images."""
+    """split pretrain | train | val of `synthetic`, a DATASETS name, ROOT with ROOT/train and ROOT/val (or
+    validate), or a flat class-folder ROOT (-> None for val). pretrain = train, except STL-10's unlabeled
+    images. Folders: training substitutes unreadable images, val drops them (ImageFolder)."""
     if data == "synthetic":
-        return SyntheticImages(synthetic_size if split != "val" else synthetic_size // 4, img_size, transform)
+        n = synthetic_size if split != "val" else synthetic_size // 4
+        return SyntheticImages(n, img_size, transform)
     if data in DATASETS:
         return named_dataset(data, split, transform)
     if not os.path.isdir(data):
         fail(f"--data {data}: directory does not exist (names: synthetic, {', '.join(DATASETS)})")
     for name in ["train"] if split != "val" else ["val", "validate"]:
         if os.path.isdir(os.path.join(data, name)):
-            return ImageFolder(os.path.join(data, name), transform)
+            return ImageFolder(os.path.join(data, name), transform, substitute=split != "val")
     has_split_dirs = any(os.path.isdir(os.path.join(data, n)) for n in ("train", "val", "validate"))
     return None if split == "val" or has_split_dirs else ImageFolder(data, transform)
 
@@ -311,36 +768,13 @@ class ResumableSampler(DistributedSampler):
 
 
 def build_loader(dataset, batch_size, world, rank, seed, workers, device, shuffle=True):
-    """Rank shard of the dataset; shuffle: seeded per epoch (sampler.set_epoch), whole batches, resumable."""
+    """Rank shard of the dataset; shuffle: seeded per epoch (sampler.set_epoch), whole batches, resumable.
+    Samples a dataset drops (None) are left out of their batch (collate)."""
     if len(dataset) < batch_size * world and shuffle:
-        fail(f"dataset has {len(dataset)} images, fewer than one global batch ({batch_size} x {world} GPUs)")
+        fail(f"dataset has {len(dataset)} images, fewer than one global batch ({batch_size} x {world} "
+             "GPUs)")
     sampler = ResumableSampler(dataset, world, rank, shuffle=shuffle, seed=seed, drop_last=shuffle)
     sampler.batch_size = batch_size
-    return DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
-                      drop_last=shuffle, persistent_workers=workers > 0,   # own generator: global RNG untouched
-                      generator=torch.Generator().manual_seed(seed + rank))
-
-
-class Progress:
-    """Prints `ep e step s/n | loss .. | lr | img/s | eta` every `every` steps, and with `out` appends the same
-    values to out/steps.jsonl (pretext metrics against steps); only log steps read device values."""
-
-    def __init__(self, total_steps, global_batch, every=50, out=None):
-        self.total, self.batch, self.every, self.last, self.t0 = total_steps, global_batch, every, None, time.time()
-        self.out = out
-
-    def step(self, it, epoch, logs, lr):
-        """it: global step just done; logs: 0-d tensors (averaged over ranks here) -> dict of floats or None."""
-        self.last = self.last or (it, self.t0)   # first call, maybe after a resume
-        if (it + 1) % self.every and it + 1 != self.total:
-            return None
-        vals = {k: reduce_mean(v) for k, v in logs.items()}
-        rate = (it + 1 - self.last[0]) * self.batch / max(time.time() - self.last[1], 1e-9)   # since the last log
-        self.last = (it + 1, time.time())
-        eta = datetime.timedelta(seconds=int((self.total - it - 1) * self.batch / max(rate, 1e-9)))
-        print0(f"ep {epoch} step {it + 1}/{self.total} | " + " ".join(f"{k} {v:.4f}" for k, v in vals.items())
-               + f" | lr {lr:.2e} | {rate:.1f} img/s | eta {eta}")
-        if self.out and int(os.environ.get("RANK", 0)) == 0:
-            with open(os.path.join(self.out, "steps.jsonl"), "a") as f:
-                f.write(json.dumps({"step": it + 1, "epoch": epoch, **vals, "lr": lr, "img_s": rate}) + "\n")
-        return vals
+    return DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+                      pin_memory=device.type == "cuda", drop_last=shuffle, persistent_workers=workers > 0,
+                      generator=torch.Generator().manual_seed(seed + rank))   # global RNG untouched

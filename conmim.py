@@ -17,7 +17,6 @@ on sklearn digits, 300 s (280 steps, 3 seeds): teacher kNN 75.8 vs 66.6 at init 
 Sections: config | masking | loss | projector, teacher, EMA | model | data | training loop, main |
 appendix: BEiT-style ViT, visualisation, argument checks.
 """
-import contextlib
 import copy
 import dataclasses
 import itertools
@@ -34,9 +33,9 @@ from torchvision import transforms
 from torchvision.ops import stochastic_depth
 from torchvision.utils import save_image
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, Progress, accum_steps, all_finite, batch_warning, build_dataset,
-                    build_loader, cosine_schedule, fail, log_json, param_groups, parse_config, prepare_out, print0,
-                    resume, rng_state, run_settings, save_checkpoint, seed_all, setup_dist, skipped_images)
+from common import (IMAGENET_MEAN, IMAGENET_STD, Run, accum_steps, batch_warning, build_dataset,
+                    build_loader, check_ranges, cosine_schedule, fail, no_sync, param_groups,
+                    parse_config, print0, seed_all, setup_dist)
 
 # ----------------------------------------------------------------------------- config
 
@@ -91,10 +90,22 @@ class Config:
     out: str = "out/conmim"       # checkpoints, log.jsonl, config.json; an existing checkpoint.pth is resumed
     seed: int = 0                 # global seed; process r uses seed + r
     preset: str = ""              # a paper row (vit_small_300ep ... vit_large_1600ep) | tiny | small32 (CPU runs)
+    allow_change: str = ""        # resume although these settings differ from the checkpoint's: a,b or all
 
     CHOICES = {"arch": ("vit_tiny", "vit_small", "vit_base", "vit_large"), "mask_type": ("random_mps32", "block"),
                "negatives": ("image", "batch"), "teacher_bn": ("batch", "running"), "amp": ("bf16", "fp16", "off"),
                "init": ("beit", "xavier")}
+    RANGES = {"img_size": ">= 1", "crop_min_scale": "(0, 1]", "depth": ">= 0", "patch_size": ">= 1",
+              "init_values": ">= 0", "rel_pos_init": ">= 0", "drop_path": "[0, 1)", "proj_hidden": ">= 1",
+              "proj_dim": ">= 1", "mask_ratio": "(0, 1)", "mask_patch": ">= 1", "mask_patches": ">= 0",
+              "min_block": ">= 0", "tau": "> 0", "ema": "[0, 1]", "epochs": ">= 1", "batch_size": ">= 1",
+              "accum_iter": ">= 1", "global_batch": ">= 0", "paper_batch": ">= 0", "lr": "> 0",
+              "min_lr": ">= 0", "warmup_epochs": ">= 0", "weight_decay": ">= 0", "clip_grad": ">= 0",
+              "workers": ">= 0", "steps_per_epoch": ">= 0", "stop_after": ">= 0", "log_every": ">= 1",
+              "viz_every": ">= 0", "seed": ">= 0"}
+    # a flag given on the command line that the chosen mask type would ignore is an error
+    ONLY_WITH = {"mask_ratio": ("mask_type", ("random_mps32",)), "mask_patch": ("mask_type", ("random_mps32",)),
+                 "mask_patches": ("mask_type", ("block",)), "min_block": ("mask_type", ("block",))}
 
     PRESETS = {
         # paper Table 2, TencentARC/ConMIM/README.md:15@4263955; S/B batch unpublished: the ViT-L command's 2048 assumed
@@ -339,14 +350,13 @@ class TwoViews:
 # ----------------------------------------------------------------------------- training loop and main
 
 
-def save(cfg, raw_model, opt, scaler, epoch, step, settings):
-    """One file: everything to resume, plus both encoders in timm beit_* layout (finetune.py loads the teacher)."""
+def checkpoint(raw_model, opt, scaler):
+    """What OUT/checkpoint.pth holds besides Run's bookkeeping: everything to resume, plus both encoders in timm
+    beit_* layout (finetune.py loads the teacher; official fine-tuning pools by mean)."""
     encoders = {name: to_timm_layout(getattr(raw_model, name).state_dict()) for name in ("teacher", "student")}
-    save_checkpoint({"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                     "step": step, "epoch": epoch, "rng": rng_state(), "config": dataclasses.asdict(cfg),
-                     "settings": settings, "encoders": encoders, "encoder_args": {"arch": "vit", **raw_model.vit_args},
-                     "default_encoder": "teacher", "pool": "mean"},   # pool: official fine-tuning uses mean pooling
-                    os.path.join(cfg.out, "checkpoint.pth"))
+    return {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+            "encoders": encoders, "encoder_args": {"arch": "vit", **raw_model.vit_args},
+            "default_encoder": "teacher", "pool": "mean"}
 
 
 def optimizer_step(raw_model, opt, scaler, clip_grad, momentum):
@@ -387,9 +397,8 @@ def main(cfg):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp) if device.type == "cuda" else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    accum = accum_steps(cfg.global_batch, cfg.batch_size, world, cfg.accum_iter)
+    accum = accum_steps(cfg, world)
     global_batch = cfg.batch_size * world * accum
-    prepare_out(cfg.out, cfg, __file__)
 
     dataset = build_dataset(cfg.data, "pretrain", TwoViews(cfg.img_size, cfg.crop_min_scale), cfg.img_size)
     loader = build_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device)
@@ -409,54 +418,29 @@ def main(cfg):
     lr_sched = cosine_schedule(cfg.lr, cfg.min_lr, total_steps, cfg.warmup_epochs * steps_per_epoch,
                                warmup_endpoint=True)   # BEiT utils.cosine_scheduler
     ema_sched = cosine_schedule(cfg.ema, 1.0, total_steps)   # momentum 0.996 -> 1, per optimizer step (official)
-    settings = {**run_settings(cfg, __file__, ("arch", "depth", "img_size", "patch_size", "epochs", "mask_type")),
-                "global_batch": global_batch}
-    start = resume(cfg.out, raw_model, opt, scaler, rank, cfg.seed, settings=settings)   # optimizer steps done
-    progress = Progress(total_steps, global_batch, cfg.log_every, cfg.out)
-    finite, vals = torch.ones((), dtype=torch.bool, device=device), {}
+    derived = {"global_batch": global_batch, "steps_per_epoch": steps_per_epoch, "images": len(dataset)}
+    run = Run(cfg, __file__, raw_model, opt, scaler, loader, steps_per_epoch, accum, derived)
+    run.resume()   # OUT/checkpoint.pth, if any; other settings stop here
 
-    for epoch in range(start // steps_per_epoch, cfg.epochs):
-        loader.sampler.set_epoch(epoch)
-        first = (start % steps_per_epoch) * accum if epoch == start // steps_per_epoch else 0   # in micro-batches
-        loader.sampler.start_step = first
-        raw_model.train()
-        micro = itertools.islice(loader, steps_per_epoch * accum - first)   # islice: no extra batch fetched
-        for i, ((weak, strong), _) in enumerate(micro, start=first):
-            it, final = epoch * steps_per_epoch + i // accum, (i + 1) % accum == 0   # optimizer step index
-            if i % accum == 0:
-                for g in opt.param_groups:
-                    g["lr"] = lr_sched[it]
-                sums = None
+    for it, batches in run.steps():
+        for g in opt.param_groups:
+            g["lr"] = lr_sched[it]
+        for last, ((weak, strong), _) in batches:
             weak, strong = weak.to(device, non_blocking=True), strong.to(device, non_blocking=True)
             mask = sample_mask(cfg, weak.shape[0], device)                    # (B, N) bool on the device
-            with model.no_sync() if world > 1 and not final else contextlib.nullcontext():   # all-reduce on the last
+            with no_sync(model, last):
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss, logs = model(weak, strong, mask)                    # student, teacher, InfoNCE
+                    loss, logs = model(weak, strong, mask)                    # METHOD: student, teacher, InfoNCE
                 scaler.scale(loss / accum).backward()
-            finite &= torch.isfinite(loss)
-            step_logs = {"loss": loss.detach() / accum, **{k: v / accum for k, v in logs.items()}}
-            sums = step_logs if sums is None else {k: sums[k] + v for k, v in step_logs.items()}
-            if not final:
-                continue
-            optimizer_step(raw_model, opt, scaler, cfg.clip_grad, ema_sched[it])
-            logged = progress.step(it, epoch, sums, lr_sched[it])            # syncs only on log steps
-            vals = logged or vals
-            if (logged is not None or it + 1 == (epoch + 1) * steps_per_epoch) and not all_finite(finite):
-                fail(f"loss became NaN/inf by step {it + 1}; stopped, last good checkpoint kept in {cfg.out}")
-            if cfg.stop_after and it + 1 - start >= cfg.stop_after:
-                break
-        if rank == 0:
-            save(cfg, raw_model, opt, scaler, epoch, it + 1, settings)        # atomic, every epoch (and on stop)
-        log_json(cfg.out, {"epoch": epoch, "step": it + 1, **vals})
-        if cfg.stop_after and it + 1 - start >= cfg.stop_after and it + 1 < total_steps:
-            print0(f"stopping after {cfg.stop_after} steps; run the same command again to resume")
-            return
-        if cfg.viz_every and (epoch + 1) % cfg.viz_every == 0 and rank == 0:   # own RNG: training unaffected
-            n, gen = min(8, weak.shape[0]), torch.Generator(device).manual_seed(epoch)
-            visualize(raw_model, weak[:n], strong[:n], sample_mask(cfg, n, device, gen),
-                      os.path.join(cfg.out, f"viz_epoch{epoch}.png"))
-        if n_skipped := skipped_images(dataset):   # every rank: summed over loader workers and ranks
-            print0(f"skipped {n_skipped} unreadable images so far")
+            run.add(loss=loss, **logs)
+        optimizer_step(raw_model, opt, scaler, cfg.clip_grad, ema_sched[it])   # METHOD: + teacher EMA
+        if run.end_step(it, lr_sched[it]):                                     # epoch end or --stop-after
+            run.save(checkpoint(raw_model, opt, scaler), check=lambda: raw_model(weak, strong, mask)[0])
+            epoch = run.epoch
+            if cfg.viz_every and (epoch + 1) % cfg.viz_every == 0 and rank == 0:   # own RNG: training unaffected
+                n, gen = min(8, weak.shape[0]), torch.Generator(device).manual_seed(epoch)
+                visualize(raw_model, weak[:n], strong[:n], sample_mask(cfg, n, device, gen),
+                          os.path.join(cfg.out, f"viz_epoch{epoch}.png"))
 
 # ----------------------------------------------------------------------------- appendix: BEiT-style ViT
 
@@ -616,14 +600,18 @@ def visualize(raw_model, weak, strong, mask, path):
 
 
 def validate(cfg):
-    """Every bad flag -> one clear error before any data or model is built."""
-    if cfg.patch_size < 1 or cfg.img_size < 1 or cfg.img_size % cfg.patch_size:
-        fail(f"--img-size {cfg.img_size} must be a positive multiple of --patch-size {cfg.patch_size}")
+    """Cross-flag rules (each flag's own range is Config.RANGES, checked by parse_config): one clear error
+    before any data or model is built."""
+    check_ranges(cfg)
+    if cfg.img_size % cfg.patch_size:
+        fail(f"--img-size {cfg.img_size} must be a multiple of --patch-size {cfg.patch_size}")
     g = cfg.img_size // cfg.patch_size
     if g < 2:
         fail(f"--img-size {cfg.img_size} / --patch-size {cfg.patch_size} gives a {g}x{g} grid; need at least 2x2")
-    if not 0 < cfg.mask_ratio < 1:
-        fail(f"--mask-ratio {cfg.mask_ratio} must be in (0, 1)")
+    if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:
+        fail(f"--warmup-epochs {cfg.warmup_epochs} >= --epochs {cfg.epochs}: the lr never reaches its peak")
+    if cfg.min_lr > cfg.lr:
+        fail(f"--min-lr {cfg.min_lr} is above --lr {cfg.lr}")
     if cfg.mask_type == "random_mps32":
         if cfg.mask_patch < cfg.patch_size or cfg.mask_patch % cfg.patch_size or cfg.img_size % cfg.mask_patch:
             fail(f"--mask-patch {cfg.mask_patch} must be a multiple of --patch-size {cfg.patch_size} "
@@ -636,21 +624,6 @@ def validate(cfg):
         n_mask, min_block = block_sizes(cfg, g * g)
         if not 0 < n_mask < g * g or not 0 < min_block <= n_mask:
             fail(f"block masking: need 0 < --min-block ({min_block}) <= --mask-patches ({n_mask}) < {g * g} patches")
-    for ok, msg in [(cfg.tau > 0, f"--tau {cfg.tau} must be > 0"),
-                    (cfg.rel_pos_init >= 0, f"--rel-pos-init {cfg.rel_pos_init} must be >= 0"),
-                    (0 < cfg.crop_min_scale <= 1, f"--crop-min-scale {cfg.crop_min_scale} must be in (0, 1]"),
-                    (0 <= cfg.ema <= 1, f"--ema {cfg.ema} must be in [0, 1]"),
-                    (0 <= cfg.drop_path < 1, f"--drop-path {cfg.drop_path} must be in [0, 1)"),
-                    (cfg.init_values >= 0 and cfg.depth >= 0, "--init-values and --depth must be >= 0"),
-                    (cfg.proj_hidden > 0 and cfg.proj_dim > 0, "--proj-hidden and --proj-dim must be > 0"),
-                    (cfg.batch_size > 0 and cfg.epochs > 0, "--batch-size and --epochs must be > 0"),
-                    (cfg.accum_iter >= 1, f"--accum-iter {cfg.accum_iter} must be >= 1"),
-                    (min(cfg.global_batch, cfg.paper_batch) >= 0, "--global-batch and --paper-batch must be >= 0"),
-                    (cfg.lr > 0 and cfg.min_lr >= 0, "--lr must be > 0 and --min-lr >= 0"),
-                    (min(cfg.warmup_epochs, cfg.weight_decay, cfg.clip_grad, cfg.steps_per_epoch, cfg.stop_after,
-                         cfg.workers, cfg.viz_every) >= 0 and cfg.log_every > 0, "negative count or --log-every 0")]:
-        if not ok:
-            fail(msg)
 
 
 if __name__ == "__main__":

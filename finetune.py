@@ -13,8 +13,8 @@ import dataclasses
 import os
 from collections import OrderedDict, defaultdict
 from functools import partial
-from itertools import islice
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -26,9 +26,10 @@ from torchvision import transforms
 from torchvision.ops import stochastic_depth
 from torchvision.transforms import v2
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, Progress, all_finite, build_dataset, build_loader, cosine_schedule,
-                    fail, file_hash, load_checkpoint, log_json, no_decay, parse_config, prepare_out, print0, resume,
-                    rng_state, run_settings, save_checkpoint, seed_all, setup_dist, skipped_images)
+from common import (IMAGENET_MEAN, IMAGENET_STD, Indexed, Run, build_dataset, build_loader,
+                    check_ranges, cosine_schedule, fail, fail_all, file_hash, load_checkpoint, log_json,
+                    no_decay, parse_config, prepare_out, print0, seed_all, setup_dist,
+                    skipped_images)
 
 
 @dataclasses.dataclass
@@ -39,8 +40,8 @@ class Config:
     from_: str = ""               # which saved encoder (--from): "" = the checkpoint's default (ConMIM teacher, ...)
     data: str = "/imagenet"       # root with train/, val/ (or flat: 10% held out), cifar10, cifar100, stl10, synthetic
     img_size: int = 0             # 0 = the pre-training size; other sizes resize positions / bias tables
-    arch: str = "vit_base"        # only with --pretrained random
-    patch_size: int = 16          # only with --pretrained random
+    arch: str = "vit_base"        # the random encoder's architecture: only with --pretrained random
+    patch_size: int = 16          # the random encoder's patch size: only with --pretrained random
     pool: str = ""                # "" = the pooling the encoder's fine-tuning uses (checkpoint "pool", else mean)
     probe: str = "final"          # linear: final (MAE: pooled output) | blocks (BEiT: a head per block on [cls, mean])
     preset: str = ""              # tiny: CPU smoke run; resnet50: ResNet fine-tuning recipe (docs/finetune.md)
@@ -68,16 +69,40 @@ class Config:
     out: str = ""                 # "" = out/finetune_<mode>; an existing checkpoint.pth of the same run is resumed
     compile: bool = False         # torch.compile the classifier (--mode finetune only)
     seed: int = 0
+    allow_change: str = ""        # resume although these settings differ from the checkpoint's: a,b or all
 
     CHOICES = {"mode": ("finetune", "linear", "knn"), "pool": ("", "cls", "mean", "both"), "probe": ("final", "blocks"),
                "amp": ("bf16", "fp16", "off"), "arch": ("vit_tiny", "vit_small", "vit_base", "vit_large", "resnet50")}
-    MODE_DEFAULTS = {"linear": dict(epochs=90, batch_size=512, blr=0.1, min_lr=0.0, warmup_epochs=10, weight_decay=0.0)}
+    RANGES = {"img_size": ">= 0", "patch_size": ">= 1", "epochs": ">= 1", "batch_size": ">= 1", "blr": "> 0",
+              "min_lr": ">= 0", "warmup_epochs": ">= 0", "weight_decay": ">= 0", "layer_decay": "(0, 1]",
+              "drop_path": "[0, 1)", "mixup": ">= 0", "cutmix": ">= 0", "smoothing": "[0, 1)", "randaug": "[0, 10]",
+              "reprob": "[0, 1]", "knn_k": ">= 1", "knn_t": "> 0", "workers": ">= 0", "steps_per_epoch": ">= 0",
+              "stop_after": ">= 0", "log_every": ">= 1", "seed": ">= 0"}
+    # a flag given on the command line that its mode (or --pretrained) would ignore is an error
+    ONLY_WITH = {"arch": ("pretrained", ("random",)), "patch_size": ("pretrained", ("random",)),
+                 "knn_k": ("mode", ("knn",)), "knn_t": ("mode", ("knn",)), "probe": ("mode", ("linear",)),
+                 **{k: ("mode", ("finetune",)) for k in ("layer_decay", "drop_path", "mixup", "cutmix",
+                                                          "smoothing", "randaug", "reprob", "compile")},
+                 **{k: ("mode", ("finetune", "linear")) for k in ("epochs", "blr", "min_lr", "warmup_epochs", "weight_decay",
+                                                  "steps_per_epoch", "stop_after", "allow_change")}}
+    # each protocol's own defaults: MAE main_linprobe.py; BEiT run_linear_eval.py (docs/finetune.md)
+    MODE_DEFAULTS = {"linear": dict(epochs=90, batch_size=512, blr=0.1, min_lr=0.0, warmup_epochs=10, weight_decay=0.0),
+                     "blocks": dict(epochs=100, batch_size=128, blr=1e-3, min_lr=0.0, warmup_epochs=0,
+                                    weight_decay=1e-4)}
+    # tiny: machine and size only, so every mode keeps its protocol; resnet50: --mode finetune only
     PRESETS = {"tiny": dict(device="cpu", workers=0, batch_size=8, img_size=32, warmup_epochs=0, log_every=1,
-                            arch="vit_tiny", patch_size=4, epochs=1, blr=1e-3),
+                            arch="vit_tiny", patch_size=4, epochs=1),
                # ResNet strikes back A3 schedule and augmentation with AdamW + soft-target CE (docs/finetune.md)
                "resnet50": dict(epochs=100, batch_size=256, blr=1e-3, weight_decay=0.02, warmup_epochs=5,
                                 layer_decay=1.0, drop_path=0.0, mixup=0.1, cutmix=1.0, smoothing=0.0, randaug=6,
                                 reprob=0.0)}
+
+    @staticmethod
+    def mode_defaults(cfg):
+        """The protocol defaults that replace the fine-tuning ones: linear (MAE) or linear + --probe blocks (BEiT)."""
+        if cfg.mode != "linear":
+            return {}
+        return Config.MODE_DEFAULTS["blocks" if cfg.probe == "blocks" else "linear"]
 
 # ----------------------------------------------------------------------------- protocols
 
@@ -180,13 +205,14 @@ class Classifier(nn.Module):
         return {n: self.heads[n](f.float()) for n, f in feats.items()}
 
 
-def layer_decay_groups(model, weight_decay, layer_decay):
-    """BEiT layer-wise lr decay: lr scale layer_decay^(L+1-layer) (layers: docs/finetune.md); common.no_decay rule."""
+def layer_decay_groups(model, weight_decay, layer_decay, skip_decay=no_decay):
+    """BEiT layer-wise lr decay: lr scale layer_decay^(L+1-layer) (layers: docs/finetune.md); weight decay on the
+    parameters skip_decay does not exempt (common.no_decay)."""
     L, groups = len(model.encoder.blocks) if model.is_vit else 0, {}
     for n, p in ((n.removeprefix("encoder."), p) for n, p in model.named_parameters() if p.requires_grad):
         layer = int(n.split(".")[1]) + 1 if n.startswith("blocks.") else 0 if n.startswith(
             ("cls_token", "pos_embed", "patch_embed")) else L + 1
-        wd = 0.0 if no_decay(n, p) else weight_decay
+        wd = 0.0 if skip_decay(n, p) else weight_decay
         groups.setdefault((layer, wd), {"params": [], "weight_decay": wd, "lr_scale": layer_decay ** (L + 1 - layer)})
         groups[layer, wd]["params"].append(p)
     return list(groups.values())
@@ -213,15 +239,18 @@ def build_transforms(cfg, img_size):
     bicubic = transforms.InterpolationMode.BICUBIC
     val = transforms.Compose([transforms.Resize(int(img_size / 0.875), interpolation=bicubic),
                               transforms.CenterCrop(img_size), *norm])   # 256 -> 224 (MAE, DINO, BEiT)
-    ft = cfg.mode == "finetune"   # linear: crop + flip only (MAE); knn: the val transform for both
-    train = [transforms.RandomResizedCrop(img_size, interpolation=bicubic), transforms.RandomHorizontalFlip(),
+    ft = cfg.mode == "finetune"   # linear: crop + flip only (MAE, BEiT); knn: the val transform for both
+    # BEiT's linear probe crops with torchvision's default bilinear (beit/run_linear_eval.py:58@006195f)
+    crop = transforms.InterpolationMode.BILINEAR if cfg.probe == "blocks" else bicubic
+    train = [transforms.RandomResizedCrop(img_size, interpolation=crop), transforms.RandomHorizontalFlip(),
              *([partial(rand_augment, m=cfg.randaug)] if cfg.randaug and ft else []), *norm,
              *([transforms.RandomErasing(cfg.reprob, value="random")] if cfg.reprob and ft else [])]
     return (val if cfg.mode == "knn" else transforms.Compose(train)), val
 
 
 def build_data(cfg, img_size):
-    """(train set, val set) with the same classes in the same order. A flat class-folder root: fixed 10% hold-out."""
+    """(train set, val set) with the same classes in the same order. A flat class-folder root: fixed 10% hold-out.
+    Unreadable images: training substitutes the next readable one; val and the kNN bank drop them."""
     train_tf, val_tf = build_transforms(cfg, img_size)
     train = build_dataset(cfg.data, "train", train_tf, img_size)
     val = build_dataset(cfg.data, "val", val_tf, img_size)
@@ -229,11 +258,14 @@ def build_data(cfg, img_size):
         if os.path.isdir(os.path.join(cfg.data, "train")):
             fail(f"--data {cfg.data} has train/ but no val/ (or validate/) folder")
         full_val = build_dataset(cfg.data, "train", val_tf, img_size)
+        full_val.substitute = False
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
         n_val = max(1, len(order) // 10)
         print0(f"no val/ split in {cfg.data}: holding out {n_val} of {len(order)} images (fixed seed)")
         train, val = Subset(train, order[n_val:]), Subset(full_val, order[:n_val])
         train.classes = val.classes = train.dataset.classes
+    if cfg.mode == "knn":   # the kNN bank drops unreadable images too
+        getattr(train, "dataset", train).substitute = False
     if val.classes != train.classes:
         extra = sorted(set(val.classes) ^ set(train.classes))[:3]
         fail(f"--data {cfg.data}: val classes differ from train classes ({len(val.classes)} vs {len(train.classes)}"
@@ -243,40 +275,57 @@ def build_data(cfg, img_size):
 # ----------------------------------------------------------------------------- train / eval / main
 
 
-def all_gather_cat(t):   # concatenate equal-sized tensors across ranks
+def all_gather_cat(t):
+    """Concatenate the rows of `t` over ranks; ranks may hold different numbers of rows."""
     if not dist.is_initialized():
         return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t)
-    return torch.cat(parts)
+    world = dist.get_world_size()
+    n = torch.tensor([len(t)], device=t.device)
+    sizes = [torch.empty_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(k) for k in sizes]
+    padded = torch.cat([t, t.new_zeros(max(sizes) - len(t), *t.shape[1:])])
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:k] for p, k in zip(parts, sizes)])
 
 
 @torch.no_grad()
 def extract(fn, loader, device, autocast):
-    """fn(images) -> {name: (B, F)} over the split, gathered from all ranks, each sample once -> {name: (M, F)}, (M,)"""
-    outs, labels = defaultdict(list), []
-    for x, y in loader:
+    """fn(images) -> {name: (B, F)} over a split (its loader over an Indexed dataset), gathered from all ranks,
+    each readable sample once, in dataset order -> {name: (M, F)}, labels (M,). Unreadable images are dropped."""
+    outs, labels, index = defaultdict(list), [], []
+    for batch in loader:
+        if batch is None:   # every image of this batch was unreadable
+            continue
+        x, y, i = batch
         with autocast():
             for n, f in fn(x.to(device, non_blocking=True)).items():
                 outs[n].append(f.float())
         labels.append(y.to(device))
-    idx = all_gather_cat(torch.tensor(list(loader.sampler), device=device))   # dataset index of every row
-    uniq, inv = idx.unique(return_inverse=True)                                  # sorted dataset indices
-    first = torch.full_like(uniq, len(idx)).scatter_reduce(0, inv, torch.arange(len(idx), device=device), "amin")
-    return {n: all_gather_cat(torch.cat(v))[first] for n, v in outs.items()}, all_gather_cat(torch.cat(labels))[first]
+        index.append(i.to(device))
+    fail_all(bool(index), "a split has no readable image (on some rank); check the data folder")
+    idx = all_gather_cat(torch.cat(index))   # dataset index of every row; the sampler pads with repeats
+    uniq, inv = idx.unique(return_inverse=True)
+    order = torch.arange(len(idx), device=device)
+    first = torch.full_like(uniq, len(idx)).scatter_reduce(0, inv, order, "amin")
+    feats = {n: all_gather_cat(torch.cat(v))[first] for n, v in outs.items()}
+    return feats, all_gather_cat(torch.cat(labels))[first]
+
+
+def evaluate(cfg, raw_model, val_loader, device, autocast):
+    """Top-1 / top-5 of every head on the val split -> {head: (top1, top5)}."""
+    scores, val_y = extract(raw_model.eval(), val_loader, device, autocast)
+    return {n: accuracy(s, val_y) for n, s in scores.items()}, len(val_y)
 
 
 def main(cfg):
     seed_all(cfg.seed)   # the same random encoder / head init on every rank
+    validate(cfg)
     encoder, dim, args = build_encoder(cfg)
     cfg = dataclasses.replace(cfg, pool=cfg.pool or args["pool"], out=cfg.out or f"out/finetune_{cfg.mode}")
     for bad, msg in [(cfg.mode == "finetune" and cfg.pool == "both", "--pool both is for --mode linear / knn"),
-                     (cfg.probe == "blocks" and (cfg.mode != "linear" or args["arch"] != "vit"),
-                      "--probe blocks is for --mode linear on a ViT"),
-                     (cfg.warmup_epochs > 0 and cfg.mode != "knn" and cfg.warmup_epochs >= cfg.epochs,
-                      f"--warmup-epochs {cfg.warmup_epochs} >= --epochs {cfg.epochs}: the lr never reaches its peak"),
-                     (cfg.compile and cfg.mode != "finetune", "--compile is for --mode finetune"),
-                     (min(cfg.epochs, cfg.batch_size, cfg.log_every) < 1, "--epochs, --batch-size, --log-every >= 1")]:
+                     (cfg.probe == "blocks" and args["arch"] != "vit", "--probe blocks is for a ViT encoder")]:
         if bad:   # every bad combination: one error line before any work
             fail(msg)
     rank, world, device = setup_dist(cfg.device)
@@ -285,8 +334,8 @@ def main(cfg):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     train_set, val_set = build_data(cfg, cfg.img_size or args.get("img_size", 224))
     num_classes = len(train_set.classes)
-    loader = build_loader(train_set, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device, cfg.mode != "knn")
-    val_loader = build_loader(val_set, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device, shuffle=False)
+    val_loader = build_loader(Indexed(val_set), cfg.batch_size, world, rank, cfg.seed, cfg.workers, device,
+                              shuffle=False)
     is_vit = args["arch"] == "vit"
     raw_model = Classifier(encoder, dim, num_classes, cfg.mode, cfg.pool, is_vit, cfg.probe).to(device)
     seed_all(cfg.seed + rank)   # distinct augmentation streams per rank
@@ -296,25 +345,27 @@ def main(cfg):
                 "knn": f"DINO weighted {cfg.knn_k}-NN, T {cfg.knn_t}",
                 "linear": "BEiT per-block probe" if cfg.probe == "blocks" else "MAE linear probe"}[cfg.mode]
     pools = "/".join(raw_model.names) if cfg.probe == "final" else "[cls, mean] per block"
-    settings = run_settings(cfg, __file__, ("mode", "pretrained", "from_", "epochs", "pool", "probe", "img_size"),
-                            arch=cfg.arch if cfg.pretrained == "random" else args["arch"],
-                            pretrained_hash=file_hash(cfg.pretrained) if cfg.pretrained != "random" else "",
-                            global_batch=cfg.batch_size * world)
-    prepare_out(cfg.out, cfg, __file__)
 
     if cfg.mode == "knn":
+        loader = build_loader(Indexed(train_set), cfg.batch_size, world, rank, cfg.seed, cfg.workers, device,
+                              shuffle=False)
+        prepare_out(cfg.out, cfg, __file__)
         train_f, train_y = extract(raw_model.eval().pooled, loader, device, autocast)
         val_f, val_y = extract(raw_model.pooled, val_loader, device, autocast)
         res = {n: accuracy(knn_classify(train_f[n], train_y, val_f[n], num_classes, cfg.knn_k, cfg.knn_t), val_y)
                for n in raw_model.names}
         for n, (top1, top5) in res.items():
-            print0(f"kNN ({protocol}, pool {n}) on {len(val_y)} images: top-1 {top1:.2f} top-5 {top5:.2f}")
+            print0(f"kNN ({protocol}, pool {n}) on {len(val_y)} images, bank of {len(train_y)}: top-1 {top1:.2f} "
+                   f"top-5 {top5:.2f}")
+        skipped = skipped_images(train_set) + skipped_images(val_set)
+        if skipped:
+            print0(f"{skipped} unreadable images dropped (named above)")
         top1, top5 = res[raw_model.names[0]]
         log_json(cfg.out, {"mode": "knn", "protocol": protocol, "pool": cfg.pool, "top1": top1, "top5": top5,
-                           "per_pool": res, "n_train": len(train_y), "n_val": len(val_y),
-                           "skipped": skipped_images(train_set) + skipped_images(val_set)})
+                           "per_pool": res, "n_train": len(train_y), "n_val": len(val_y), "skipped": skipped})
         return {"top1": top1, "top5": top5, "per_pool": res}
 
+    loader = build_loader(train_set, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device)
     model = torch.compile(raw_model) if cfg.compile else raw_model   # nanoGPT's order: compile, then DDP
     model = model if world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -323,65 +374,80 @@ def main(cfg):
     lr = cfg.blr * cfg.batch_size * world / 256
     print0(f"{protocol} (pool {pools}): lr = {cfg.blr} x {cfg.batch_size} x {world} / 256 = {lr:.2e}, "
            f"{total_steps} steps, out {cfg.out}")
-    groups = layer_decay_groups(raw_model, cfg.weight_decay, cfg.layer_decay if cfg.mode == "finetune" else 1.0)
-    opt = LARS(groups, lr=lr) if cfg.mode == "linear" and cfg.probe == "final" else torch.optim.AdamW(
+    blocks = cfg.probe == "blocks"
+    # BEiT's probe decays every head parameter, biases too (beit/run_linear_eval.py:125-127@006195f)
+    skip = (lambda n, p: False) if blocks else no_decay
+    groups = layer_decay_groups(raw_model, cfg.weight_decay, cfg.layer_decay if cfg.mode == "finetune" else 1.0,
+                                skip)
+    opt = LARS(groups, lr=lr) if cfg.mode == "linear" and not blocks else torch.optim.AdamW(
         groups, lr=lr, betas=(0.9, 0.999), fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    lr_sched = cosine_schedule(lr, cfg.min_lr, total_steps, cfg.warmup_epochs * steps_per_epoch)
+    if blocks:   # BEiT: CosineAnnealingLR stepped once per epoch, no warmup (beit/run_linear_eval.py:129@006195f)
+        lr_sched = np.repeat(cosine_schedule(lr, cfg.min_lr, cfg.epochs), steps_per_epoch).tolist()
+    else:
+        lr_sched = cosine_schedule(lr, cfg.min_lr, total_steps, cfg.warmup_epochs * steps_per_epoch)
     mixers = [m(alpha=a, num_classes=num_classes) for m, a in ((v2.MixUp, cfg.mixup), (v2.CutMix, cfg.cutmix))
               if a > 0 and cfg.mode == "finetune"]
     mix = v2.RandomChoice(mixers) if mixers else None   # one of MixUp / CutMix per batch, p = 0.5 each
     smooth = cfg.smoothing if cfg.mode == "finetune" else 0.0   # probes: plain cross-entropy (MAE, BEiT)
-    start = resume(cfg.out, raw_model, opt, scaler, rank, cfg.seed, settings=settings)
-    best = load_checkpoint(os.path.join(cfg.out, "checkpoint.pth")).get("best", 0.0) if start else 0.0
-    progress = Progress(total_steps, cfg.batch_size * world, cfg.log_every, cfg.out)
+    derived = {"arch": args["arch"], "global_batch": cfg.batch_size * world, "steps_per_epoch": steps_per_epoch,
+               "images": len(train_set),
+               "pretrained_hash": file_hash(cfg.pretrained) if cfg.pretrained != "random" else ""}
+    run = Run(cfg, __file__, raw_model, opt, scaler, loader, steps_per_epoch, 1, derived)
+    run.resume()   # OUT/checkpoint.pth, if any; other settings stop here
+    best = run.meta.get("best", 0.0)
     top1 = top5 = 0.0
-    for epoch in range(start // steps_per_epoch, cfg.epochs):
-        loader.sampler.set_epoch(epoch)
-        loader.sampler.start_step = start % steps_per_epoch if epoch == start // steps_per_epoch else 0
-        model.train()
-        finite, first = torch.ones((), dtype=torch.bool, device=device), loader.sampler.start_step
-        for i, (x, y) in enumerate(islice(loader, steps_per_epoch - first), start=first):   # islice: no extra fetch
-            it = epoch * steps_per_epoch + i
-            for g in opt.param_groups:
-                g["lr"] = lr_sched[it] * g["lr_scale"]
+
+    for it, batches in run.steps():
+        for g in opt.param_groups:
+            g["lr"] = lr_sched[it] * g["lr_scale"]
+        for _, (x, y) in batches:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             x, target = mix(x, y) if mix is not None else (x, F.one_hot(y, num_classes).float())
             with autocast():   # one loss per head, summed
                 loss = sum(F.cross_entropy(out.float(), target, label_smoothing=smooth) for out in model(x).values())
-            finite &= torch.isfinite(loss)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            vals = progress.step(it, epoch, {"loss": loss}, lr_sched[it])
-            if (vals is not None or i + 1 == steps_per_epoch) and not all_finite(finite):   # every rank stops
-                fail(f"loss became NaN/inf at step {it + 1} (on some rank); stopped, last good checkpoint in {cfg.out}")
-            if cfg.stop_after and it + 1 - start >= cfg.stop_after:
-                break
-        stopping = cfg.stop_after and it + 1 - start >= cfg.stop_after and it + 1 < total_steps
-        if n_skip := skipped_images(train_set):   # every rank: summed over loader workers and ranks
-            print0(f"epoch {epoch}: {n_skip} unreadable training images skipped so far")
-        if not stopping:
-            scores, val_y = extract(raw_model.eval(), val_loader, device, autocast)
-            res = {n: accuracy(s, val_y) for n, s in scores.items()}
-            head, (top1, top5) = max(res.items(), key=lambda kv: kv[1][0])
-            print0(f"epoch {epoch}: " + ", ".join(f"{n} {r[0]:.2f}/{r[1]:.2f}" for n, r in res.items())
-                   + f" val top-1/top-5 ({protocol}) | best {max(best, top1):.2f}")
-            log_json(cfg.out, {"epoch": epoch, "step": it + 1, "loss": vals["loss"] if vals else None, "top1": top1,
-                               "top5": top5, "head": head, "per_head": res, "protocol": protocol, "pool": pools,
-                               "skipped": n_skip})
-        if rank == 0:
-            state = {"model": raw_model.state_dict(), "epoch": epoch, "settings": settings, "config": vars(cfg)}
-            if not stopping and top1 >= best:
-                best = top1
-                save_checkpoint({**state, "top1": top1}, os.path.join(cfg.out, "best.pth"))
-            save_checkpoint({**state, "optimizer": opt.state_dict(), "step": it + 1, "scaler": scaler.state_dict(),
-                             "rng": rng_state(), "best": best}, os.path.join(cfg.out, "checkpoint.pth"))
-        if stopping:
-            print0(f"stopping after {cfg.stop_after} steps; run the same command again to resume")
-            break
+            run.add(loss=loss)
+        if not run.end_step(it, lr_sched[it]):   # epoch end or --stop-after: evaluate (not on a stop), save
+            continue
+        state = {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict()}
+
+        def check():   # the loss of the weights about to be saved, on the last batch
+            return sum(F.cross_entropy(o.float(), target, label_smoothing=smooth) for o in raw_model(x).values())
+
+        if run.stopping:
+            run.save({**state, "best": best}, check)
+            continue
+        res, n_val = evaluate(cfg, raw_model, val_loader, device, autocast)
+        head, (top1, top5) = max(res.items(), key=lambda kv: kv[1][0])
+        print0(f"epoch {run.epoch}: " + ", ".join(f"{n} {r[0]:.2f}/{r[1]:.2f}" for n, r in res.items())
+               + f" val top-1/top-5 ({protocol}) on {n_val} images | best {max(best, top1):.2f}")
+        files = {}
+        if top1 >= best:
+            best = top1
+            files["best.pth"] = {"model": raw_model.state_dict(), "epoch": run.epoch, "top1": top1,
+                                 "config": vars(cfg)}
+        run.save({**state, "best": best}, check, files, top1=top1, top5=top5, head=head, per_head=res,
+                 protocol=protocol, pool=pools, n_val=n_val)
     return {"top1": top1, "top5": top5, "best": best}
+
+
+def validate(cfg):
+    """Cross-flag rules (each flag's own range is Config.RANGES, its mode Config.ONLY_WITH, both checked by
+    parse_config): one clear error before any work."""
+    check_ranges(cfg)
+    if cfg.preset == "resnet50" and cfg.mode != "finetune":
+        fail(f"--preset resnet50 is a fine-tuning recipe; --mode {cfg.mode} keeps its own protocol's defaults: "
+             "drop --preset")
+    if cfg.probe == "blocks" and cfg.mode != "linear":
+        fail("--probe blocks is for --mode linear")
+    if cfg.mode != "knn" and cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:
+        fail(f"--warmup-epochs {cfg.warmup_epochs} >= --epochs {cfg.epochs}: the lr never reaches its peak")
+    if cfg.compile and cfg.mode != "finetune":
+        fail("--compile is for --mode finetune")
 
 # ----------------------------------------------------------------------------- appendix: encoder loading
 
@@ -400,7 +466,7 @@ def build_encoder(cfg):
             arch="vit", img_size=cfg.img_size or 224, patch_size=cfg.patch_size, embed_dim=D, depth=depth,
             num_heads=heads, pos_embed="sincos", rel_pos="none", init_values=None, pool="mean")
     else:
-        ck = load_checkpoint(cfg.pretrained)
+        ck = load_checkpoint(cfg.pretrained, "--pretrained")
         if "encoders" not in ck or "encoder_args" not in ck:
             fail(f"{cfg.pretrained} has no 'encoders'/'encoder_args': not a checkpoint of this project's method files")
         name = cfg.from_ or ck.get("default_encoder", next(iter(ck["encoders"])))
@@ -545,6 +611,6 @@ class VisionTransformer(nn.Module):
 
 if __name__ == "__main__":
     cfg = parse_config(Config)
-    main(parse_config(Config, defaults=Config.MODE_DEFAULTS.get(cfg.mode)))
+    main(parse_config(Config, defaults=Config.mode_defaults(cfg)))
     if dist.is_initialized():   # leave together: a gloo peer that exits first can abort the others
         dist.barrier(), dist.destroy_process_group()

@@ -49,7 +49,7 @@ ROWS = {"conmim": (["conmim.py", "--preset", "small32"], ["acc"], []),
         "cim_correlate": (["cim_correlate.py", "--preset", "small32"], ["iou"], []),
         "cim_corrupt": (["cim_corrupt.py", "--preset", "small32"], ["gen_acc", "replaced", "loss_enh"], []),
         "mae": (["benchmarks/learning.py", "mae"], ["loss"], [])}
-QUICK = ["--steps-per-epoch", "2", "--epochs", "1"]
+QUICK = ["--steps-per-epoch", "2", "--epochs", "1", "--warmup-epochs", "0"]
 
 
 # ----------------------------------------------------------------------------- data

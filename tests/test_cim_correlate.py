@@ -16,7 +16,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cim_correlate  # noqa: E402
 from cim_correlate import (Config, CorrelationalIM, augment_exemplars, correlation_loss, crop_exemplars,  # noqa: E402
-                           main, optimizer_step, release_no_decay, sample_boxes, sample_pairs, save, target_maps,
+                           checkpoint, main, optimizer_step, release_no_decay, sample_boxes, sample_pairs, target_maps,
                            validate)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,8 +229,8 @@ def test_exported_vit_loads_into_timm_and_finetune(tmp_path):
         for p in model.online.parameters():
             p.add_(0.1 * torch.randn_like(p))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    save(cfg, model, opt, torch.amp.GradScaler("cpu", enabled=False), 0, 1, 0)
-    ck = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    ck = checkpoint(cfg, model, opt, torch.amp.GradScaler("cpu", enabled=False))
+    torch.save(ck, tmp_path / "checkpoint.pth")
     x = torch.randn(2, 3, 32, 32)
     ours = model.online.eval()(x)
     ref = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=4, embed_dim=192, depth=2,
@@ -259,7 +259,7 @@ def test_accumulation_2x4_equals_8(tmp_path, monkeypatch):
     main(dataclasses.replace(base, batch_size=8, out=str(tmp_path / "a")))
     main(dataclasses.replace(base, batch_size=4, global_batch=8, out=str(tmp_path / "b")))   # accum 2
     a, b = (torch.load(tmp_path / d / "checkpoint.pth", weights_only=True) for d in "ab")
-    assert a["step"] == b["step"] == 2 and a["settings"] == b["settings"]
+    assert a["step"] == b["step"] == 2 and a["derived"] == b["derived"]
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, atol=1e-5, rtol=0, msg=k)
     with pytest.raises(SystemExit, match="global_batch: 8 -> 16"):                 # resume refuses another recipe

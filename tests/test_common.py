@@ -27,6 +27,7 @@ class Cfg:
     preset: str = ""
     PRESETS = {"tiny": dict(arch="vit_tiny", epochs=1)}
     CHOICES = {"arch": ("vit_tiny", "vit_base")}
+    RANGES = {"mask_ratio": "(0, 1)", "epochs": ">= 1"}
 
 
 def test_parse_config_spellings_presets_and_help(capsys):
@@ -47,7 +48,7 @@ def test_parse_config_spellings_presets_and_help(capsys):
     with pytest.raises(SystemExit):
         parse_config(Cfg, ["--help"])
     text = capsys.readouterr().out
-    assert "fraction of patches hidden (default: 0.4)" in text and "use torch.compile" in text
+    assert "fraction of patches hidden [(0, 1)] (default: 0.4)" in text and "use torch.compile" in text
 
 
 def test_cosine_schedule():
@@ -166,10 +167,12 @@ def test_bad_data_dirs_fail_with_one_clear_line(tmp_path, layout, msg):
 def test_run_over_folder_with_bad_files_completes(tmp_path):
     for c in ("cat", "dog"):
         write_images(tmp_path / "data" / c)
+        for i in range(2):   # 22 files: the fixed hold-out is cat/extra1.png (good) and cat/truncated.jpg (dropped)
+            Image.new("RGB", (20, 20), (40 * i, 90, 200)).save(tmp_path / "data" / c / f"extra{i}.png")
     r = run(["finetune.py", "--preset", "tiny", "--pretrained", "random", "--data", str(tmp_path / "data"),
              "--mode", "knn", "--batch-size", "4", "--out", str(tmp_path / "o")])
     assert r.returncode == 0, r.stderr
-    assert "holding out 1 of 18" in r.stdout and "kNN" in r.stdout
+    assert "holding out 2 of 22" in r.stdout and "on 1 images, bank of 15" in r.stdout, r.stdout
     log = [json.loads(line) for line in open(tmp_path / "o" / "log.jsonl")]
     assert log[-1]["mode"] == "knn"
 

@@ -87,7 +87,7 @@ def test_conmim_then_knn_run_on_cifar10_cache(cache, tmp_path):
     assert (out / "checkpoint.pth").is_file() and len((out / "steps.jsonl").read_text().splitlines()) == 2
     argv = ["--preset", "tiny", "--mode", "knn", "--data", "cifar10", "--pretrained", str(out / "checkpoint.pth"),
             "--out", str(tmp_path / "knn")]
-    finetune.main(parse_config(finetune.Config, argv, defaults=finetune.Config.MODE_DEFAULTS.get("knn")))
+    finetune.main(parse_config(finetune.Config, argv))
     assert "knn" in (tmp_path / "knn" / "log.jsonl").read_text()
 
 

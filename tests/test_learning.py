@@ -102,5 +102,5 @@ def test_bad_run_flags_end_with_the_runs_error_line(tmp_path):
                         "--extra", "conmim:--lr -1", "--out", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert r.stderr.strip().endswith("error: --lr must be > 0 and --min-lr >= 0"), r.stderr[-2000:]
-    assert "--lr must be > 0" in (tmp_path / "conmim" / "cal.log").read_text()
+    assert r.stderr.strip().endswith("error: --lr -1.0: must be > 0"), r.stderr[-2000:]
+    assert "--lr -1.0: must be > 0" in (tmp_path / "conmim" / "cal.log").read_text()
