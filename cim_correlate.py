@@ -23,12 +23,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torchvision import transforms
 from torchvision.ops import stochastic_depth
 from torchvision.utils import save_image
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, Run, accum_steps, batch_warning, build_dataset,
-                    build_loader, check_ranges, cosine_schedule, fail, no_sync, param_groups,
+from common import (IMAGENET_MEAN, IMAGENET_STD, CropFlip, Run, accum_steps, batch_warning, build_dataset,
+                    build_loader, check_ranges, cosine_schedule, decode_mode, fail, images_to, no_sync, param_groups,
                     parse_config, print0, seed_all, setup_dist)
 
 
@@ -87,9 +86,10 @@ class Config:
     stop_after: int = 0               # exit after N steps of this run with a resumable checkpoint; 0 = off
     viz_every: int = 0                # PNG every N epochs: context | exemplars | target maps | predicted maps; 0 = off
     allow_change: str = ""            # resume although these settings differ from the checkpoint's: a,b or all
+    decode: str = "cpu"               # cpu: loader workers decode JPEGs | device: workers read bytes, the GPU decodes
 
     CHOICES = {"arch": ("vit_tiny", "vit_small", "vit_base", "vit_large", "resnet50"), "amp": ("bf16", "fp16", "off"),
-               "box_rule": ("corner", "centre")}
+               "box_rule": ("corner", "centre"), "decode": ("cpu", "device")}
     RANGES = {"img_size": ">= 1", "depth": ">= 0", "patch_size": ">= 1", "search_scale_min": "(0, 1]",
               "context_size": ">= 1", "exemplar_size": ">= 1", "num_exemplars": "[1, 32]",
               "exemplar_scale_min": "(0, 1]", "exemplar_scale_max": "(0, 1]", "exemplar_ratio_min": "> 0",
@@ -298,8 +298,7 @@ def correlation_loss(logits, target):
 @torch.no_grad()
 def momentum_update(target, online, m):
     """theta_t <- m * theta_t + (1 - m) * theta_o (models/cim.py:143-155), on lists of tensors (foreach kernels)."""
-    torch._foreach_mul_(target, m)
-    torch._foreach_add_(target, online, alpha=1 - m)
+    torch._foreach_lerp_(target, online, 1 - m)   # one fused multi-tensor kernel
 
 
 # ----------------------------------------------------------------------------- model
@@ -402,12 +401,10 @@ class CorrelationalIM(nn.Module):
 
 # ----------------------------------------------------------------------------- data
 
-def build_transform(cfg):
-    """Only the search image on the CPU (uint8, unnormalised): everything else happens batched on the device."""
-    return transforms.Compose([
-        transforms.RandomResizedCrop(cfg.img_size, scale=(cfg.search_scale_min, 1.0),
-                                     interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(), transforms.PILToTensor()])
+def input_transform(cfg):
+    """CPU: decode, one random resized crop (bicubic) + flip -> uint8 search image; everything else happens
+    batched on the device."""
+    return CropFlip(cfg.img_size, (cfg.search_scale_min, 1.0))
 
 
 # ----------------------------------------------------------------------------- training
@@ -462,7 +459,8 @@ def main(cfg):
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)   # re-entered each step
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     accum = accum_steps(cfg, world)
-    dataset = build_dataset(cfg.data, "pretrain", build_transform(cfg), cfg.img_size)
+    decode = decode_mode(cfg.decode)   # what the loader workers hand over: decoded pixels or JPEG bytes
+    dataset = build_dataset(cfg.data, "pretrain", input_transform(cfg), cfg.img_size, decode=decode)
     loader = build_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device)
     steps_per_epoch = min(len(loader) // accum, cfg.steps_per_epoch or len(loader))   # optimizer steps
     if steps_per_epoch < 1:
@@ -493,7 +491,7 @@ def main(cfg):
         for g in opt.param_groups:
             g["lr"] = lr_sched[it]
         for last, (images, _) in batches:
-            images = images.to(device, non_blocking=True)
+            images = images_to(images, device)                           # (B, 3, S, S) uint8
             with no_sync(model, last):
                 with autocast:
                     loss, logs = model(images)                         # METHOD: crop, correlate, loss

@@ -21,12 +21,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torchvision import transforms
 from torchvision.ops import stochastic_depth
 from torchvision.utils import save_image
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, Run, accum_steps, batch_warning, build_dataset,
-                    build_loader, check_ranges, cosine_schedule, fail, fail_all, no_sync,
+from common import (IMAGENET_MEAN, IMAGENET_STD, CropFlip, Run, accum_steps, batch_warning, build_dataset,
+                    build_loader, check_ranges, cosine_schedule, decode_mode, fail, fail_all, images_to, no_sync,
                     param_groups, parse_config, print0, save_checkpoint, seed_all, setup_dist)
 
 
@@ -90,9 +89,11 @@ class Config:
     preset: str = ""              # vit_base_300ep | resnet50_300ep (paper rows) | tiny | small32 (docs/cim_corrupt.md)
     paper_row: str = ""           # the paper row a preset reproduces, printed in the recipe line
     allow_change: str = ""        # resume although these settings differ from the checkpoint's: a,b or all
+    decode: str = "cpu"           # cpu: loader workers decode JPEGs | device: workers read bytes, the GPU decodes
 
     CHOICES = {"arch": ("vit_tiny", "vit_base", "resnet50"), "objective": ("respix", "revdet"),
-               "amp": ("bf16", "fp16", "off"), "pos_embed": ("none", "learned"), "init": ("beit", "xavier")}
+               "amp": ("bf16", "fp16", "off"), "pos_embed": ("none", "learned"), "init": ("beit", "xavier"),
+               "decode": ("cpu", "device")}
     RANGES = {"img_size": ">= 1", "crop_min_scale": "(0, 1]", "depth": ">= 0", "patch_size": ">= 1",
               "init_values": ">= 0", "drop_path": "[0, 1)", "lam": ">= 0", "respix_window": ">= 1",
               "respix_eps": "> 0", "respix_l1": "[0, 1]", "gen_depth": ">= 1", "gen_dim": ">= 0",
@@ -246,8 +247,8 @@ class CIM(nn.Module):
         B, g, P = out.shape[0], self.grid, self.P
         return out.view(B, g, g, P, P, 3).permute(0, 5, 1, 3, 2, 4).reshape(B, 3, g * P, g * P)
 
-    def forward(self, images):   # (B, 3, H, W) uint8 from the loader or float in [0, 1] -> (loss, logs)
-        x01 = images.float() / 255 if images.dtype == torch.uint8 else images
+    def forward(self, images):   # (B, 3, H, W) uint8 crops from the loader, or float in [0, 1] -> (loss, logs)
+        x01 = augment(images) if images.dtype == torch.uint8 else images
         c = self.corrupt(x01)
         loss_gen, out = mim_loss(c["logits"], c["ids"], c["mask"]), self.enhance(c["corrupted"])
         if self.cfg.objective == "respix":
@@ -266,12 +267,77 @@ class CIM(nn.Module):
 
 
 # ----------------------------------------------------------------------------- data
-def build_transform(cfg):
-    """BEiT: crop 0.08-1 bicubic, flip, ColorJitter 0.4 (after the crop: cheaper) -> uint8; other views on device."""
-    crop = transforms.RandomResizedCrop(cfg.img_size, (cfg.crop_min_scale, 1.0),
-                                        interpolation=transforms.InterpolationMode.BICUBIC)
-    return transforms.Compose([crop, transforms.RandomHorizontalFlip(), transforms.ColorJitter(0.4, 0.4, 0.4),
-                               transforms.PILToTensor()])
+def input_transform(cfg):
+    """CPU: decode, one random resized crop (bicubic, scale crop_min_scale-1) + flip -> uint8 crop; BEiT's colour
+    jitter happens batched on the device (augment)."""
+    return CropFlip(cfg.img_size, (cfg.crop_min_scale, 1.0))
+
+
+def augment(images):
+    """uint8 crops (B, 3, S, S) -> [0, 1] floats with ColorJitter(0.4, 0.4, 0.4), each image its own draws: the
+    jitter of BEiT's pre-training transform as this file has always used it (docs/cim_corrupt.md: the current
+    microsoft/unilm/beit/datasets.py@03380c8 has none), after the crop."""
+    return color_jitter(images.float() / 255, 0.4, 0.4, 0.4, 0.0)
+
+
+def grey(x):
+    """(B, 3, H, W) -> (B, 1, H, W) luma with torchvision's weights (rgb_to_grayscale)."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def color_jitter(x, brightness, contrast, saturation, hue, gen=None):
+    """torchvision's ColorJitter on a batch in [0, 1]: every image draws its own factors, U(1 - v, 1 + v) (hue:
+    U(-hue, hue)), and its own random order of the four adjustments (jitter_op). A zero strength is skipped, as
+    torchvision skips None. x (B, 3, H, W) -> (B, 3, H, W)."""
+    B, dev = x.shape[0], x.device
+    strengths = (brightness, contrast, saturation, hue)
+    u = 2 * torch.rand(4, B, 1, 1, 1, device=dev, generator=gen) - 1                # (4, B, 1, 1, 1) in [-1, 1)
+    factors = [u[op] * v + (op < 3) for op, v in enumerate(strengths)]           # hue: a shift, not a factor
+    order = torch.rand(B, 4, device=dev, generator=gen).argsort(1)               # (B, 4) a permutation each
+    for k in range(4):
+        for op, v in enumerate(strengths):
+            if v:
+                x = torch.where(order[:, k].view(B, 1, 1, 1) == op, jitter_op(x, op, factors[op]), x)
+    return x
+
+
+def jitter_op(x, op, f):
+    """torchvision's adjust_brightness / contrast / saturation / hue (op 0-3) on float images, with a per-image
+    factor f (B, 1, 1, 1)."""
+    if op == 0:
+        y = x * f
+    elif op == 1:
+        y = f * x + (1 - f) * grey(x).mean((2, 3), keepdim=True)
+    elif op == 2:
+        y = f * x + (1 - f) * grey(x)
+    else:
+        y = adjust_hue(x, f.view(-1, 1, 1))
+    return y.clamp(0, 1)
+
+
+def adjust_hue(x, shift):
+    """torchvision's adjust_hue with a per-image shift: RGB -> HSV, h + shift mod 1, -> RGB. x (B, 3, H, W),
+    shift (B, 1, 1)."""
+    r, g, b = x.unbind(1)                                                         # 3 x (B, H, W)
+    maxc, minc = x.max(1).values, x.min(1).values
+    flat = maxc == minc
+    span = torch.where(flat, torch.ones_like(maxc), maxc - minc)
+    s = (maxc - minc) / torch.where(flat, torch.ones_like(maxc), maxc)
+    rc, gc, bc = (maxc - r) / span, (maxc - g) / span, (maxc - b) / span
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.fmod(h / 6.0 + 1.0, 1.0)
+    h = (h + shift) % 1.0
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.long() % 6
+    v = maxc
+    p = (v * (1 - s)).clamp(0, 1)
+    q = (v * (1 - s * f)).clamp(0, 1)
+    t = (v * (1 - s * (1 - f))).clamp(0, 1)
+    # the six sectors of the hue circle: (r, g, b) = one of these triples
+    table = torch.stack([torch.stack(c) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v),
+                                                   (v, p, q))])                  # (6, 3, B, H, W)
+    return table.gather(0, i[None, None].expand(1, 3, *i.shape))[0].transpose(0, 1)   # (B, 3, H, W)
 
 
 # ----------------------------------------------------------------------------- training
@@ -279,7 +345,8 @@ def train_tokenizer(cfg, world, rank, device, path):
     """DALL-E's dVAE recipe in small on the pre-training tokenizer view (Gumbel tau 1 -> 1/16), then the frozen
     tokenizer file `path`. Resumable: OUT/tokenizer_checkpoint.pth every epoch (Run, prefix tokenizer_)."""
     tok = new_tokenizer(cfg, tok_size(cfg)).to(device)
-    dataset = build_dataset(cfg.data, "pretrain", build_transform(cfg), cfg.img_size)
+    decode = decode_mode(cfg.decode)   # what the loader workers hand over: decoded pixels or JPEG bytes
+    dataset = build_dataset(cfg.data, "pretrain", input_transform(cfg), cfg.img_size, decode=decode)
     loader = build_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device)
     spe = min(len(loader), cfg.steps_per_epoch or len(loader))
     total = cfg.tok_epochs * spe
@@ -294,7 +361,7 @@ def train_tokenizer(cfg, world, rank, device, path):
     for it, batches in run.steps():
         opt.param_groups[0]["lr"] = lrs[it]
         for _, (images, _) in batches:
-            x = resize(images.to(device, non_blocking=True).float() / 255, tok_size(cfg)).clamp(0, 1)
+            x = resize(augment(images_to(images, device)), tok_size(cfg)).clamp(0, 1)
             loss, logs = model(x, taus[it], cfg.tok_kl)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -335,7 +402,8 @@ def main(cfg):
         if cfg.epochs == 0:
             return   # tokenizer only
     tokenizer = load_tokenizer(cfg).to(device)                         # METHOD: file errors stop the run here
-    dataset = build_dataset(cfg.data, "pretrain", build_transform(cfg), cfg.img_size)
+    decode = decode_mode(cfg.decode)   # what the loader workers hand over: decoded pixels or JPEG bytes
+    dataset = build_dataset(cfg.data, "pretrain", input_transform(cfg), cfg.img_size, decode=decode)
     loader = build_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device)
     steps_per_epoch = min(len(loader) // accum, cfg.steps_per_epoch or len(loader))   # optimizer steps
     if steps_per_epoch == 0:   # one error line instead of a division by zero below
@@ -368,7 +436,7 @@ def main(cfg):
             g["lr"] = lr_sched[it]
         opt.zero_grad(set_to_none=True)
         for last, (images, _) in batches:
-            images = images.to(device, non_blocking=True)
+            images = images_to(images, device)                           # (B, 3, S, S) uint8
             with no_sync(model, last):
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss, logs = model(images)                         # METHOD: corrupt, enhance, L_gen + lam * L_enh

@@ -8,6 +8,7 @@ import atexit
 import dataclasses
 import datetime
 import errno
+from io import BytesIO
 import hashlib
 import inspect
 import itertools
@@ -26,7 +27,12 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, default_collate
-from torchvision import datasets
+from torchvision import datasets, transforms
+try:   # torchvision's image decoders (deprecated in 0.29 for TorchCodec): without them, PIL decodes
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+except ImportError:
+    decode_image = decode_jpeg = None
+from torchvision.transforms import v2
 
 try:
     import fcntl   # POSIX file locks; on Windows --out is not locked
@@ -41,8 +47,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # --data NAME: torchvision's sets, downloaded once into the cache (named_dataset)
 DATASETS = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100, "stl10": datasets.STL10}
 # config fields that may change between a run and its resume: they do not change the run's math
-RESUME_FREE = ("workers", "log_every", "viz_every", "compile", "device", "stop_after", "out", "preset",
-               "allow_change", "paper_row", "paper_batch")
+RESUME_FREE = ("workers", "log_every", "viz_every", "compile", "device", "decode", "stop_after", "out",
+               "preset", "allow_change", "paper_row", "paper_batch")
 _held_locks = {}   # --out path -> its open run.lock, flock-ed until this process ends
 
 
@@ -610,6 +616,108 @@ def load_image(path):
         return img.convert("RGB")
 
 
+def read_image(path):
+    """An image file -> uint8 (3, H, W) tensor: torchvision's decoders (libjpeg-turbo, libpng) for JPEG and PNG,
+    load_image (PIL) for every other format and mode (16-bit, TIFF, ...). Same pixels as load_image (tested)."""
+    try:
+        img = decode_image(read_file(path), mode=ImageReadMode.RGB)
+        if img.dtype == torch.uint8:
+            return img
+    except (RuntimeError, TypeError):   # not a format torchvision decodes, broken, or no decoders: PIL decides
+        pass
+    return v2.functional.pil_to_tensor(load_image(path))
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+
+
+READERS = {"pil": load_image, "tensor": read_image, "bytes": read_bytes}   # ImageFolder(decode=...)
+
+
+def decode_mode(decode):
+    """--decode cpu | device -> the READERS key the method files' folders use."""
+    if decode == "device" and decode_jpeg is None:
+        fail("--decode device needs torchvision.io.decode_jpeg, which this torchvision lacks; pass --decode cpu")
+    return "bytes" if decode == "device" else "tensor"
+
+
+class Encoded:
+    """A JPEG file's bytes and the crop CropFlip drew for it, decoded and cropped on the training device."""
+
+    def __init__(self, data, box, flip, size):
+        self.data, self.box, self.flip, self.size = data, box, flip, size
+
+
+class CropFlip:
+    """RandomResizedCrop (bicubic, antialiased) and a horizontal flip with probability 0.5, on uint8 tensors:
+    torchvision's draw of the crop box, one resized_crop call. Takes a PIL image, a uint8 (3, H, W) tensor, or
+    a file's bytes (--decode device): then it only draws the box from the JPEG header, and images_to() decodes
+    and crops on the device with the same function. -> uint8 (3, size, size), or an Encoded."""
+
+    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+        self.size, self.scale, self.ratio = size, scale, ratio
+
+    def draw(self, height, width):
+        # get_params reads only the shape: a meta tensor stands in for the image
+        box = transforms.RandomResizedCrop.get_params(torch.empty(1, height, width, device="meta"),
+                                                      self.scale, self.ratio)
+        return box, bool(torch.rand(()) < 0.5)
+
+    def apply(self, img, box, flip):
+        size = [self.size, self.size]
+        bicubic = v2.InterpolationMode.BICUBIC
+        img = v2.functional.resized_crop(img, *box, size, interpolation=bicubic, antialias=True)
+        return v2.functional.horizontal_flip(img) if flip else img
+
+    def __call__(self, img):
+        if isinstance(img, Image.Image):
+            img = v2.functional.pil_to_tensor(img.convert("RGB"))
+        if img.ndim == 1 and img[:2].tolist() == [0xFF, 0xD8]:   # JPEG bytes: decode on the device
+            if img[-2:].tolist() != [0xFF, 0xD9]:
+                raise ValueError("truncated JPEG (no end-of-image marker)")
+            with Image.open(BytesIO(img.numpy().tobytes())) as header:   # reads the header only
+                width, height = header.size
+            return Encoded(img, *self.draw(height, width), self.size)
+        if img.ndim == 1:   # the bytes of another format: decode here
+            img = decode_image(img, mode=ImageReadMode.RGB)
+        return self.apply(img, *self.draw(*img.shape[-2:]))
+
+
+def images_to(images, device):
+    """A batch from the loader -> uint8 (B, 3, S, S) on `device`. A tensor moves (non-blocking). With --decode
+    device the batch is a list: its JPEGs are decoded there in one torchvision.io.decode_jpeg call (nvjpeg on
+    CUDA) and cropped by CropFlip.apply with the box drawn in the loader worker; a JPEG that fails to decode is
+    named on stderr and replaced by another image of the batch."""
+    if torch.is_tensor(images):
+        return images.to(device, non_blocking=True)
+    jpegs = [x for x in images if isinstance(x, Encoded)]
+    try:
+        decoded = decode_jpeg([x.data for x in jpegs], mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:   # find the broken ones
+        decoded = [decode_or_none(x.data, device) for x in jpegs]
+    decoded = iter(decoded)
+    out = []
+    for x in images:
+        if isinstance(x, Encoded):
+            img = next(decoded)
+            x = None if img is None else CropFlip(x.size).apply(img, x.box, x.flip)
+        out.append(None if x is None else x.to(device))
+    good = [x for x in out if x is not None]
+    if not good:
+        raise RuntimeError("no JPEG of the batch could be decoded on the device")
+    return torch.stack([x if x is not None else good[0] for x in out])
+
+
+def decode_or_none(data, device):
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as e:
+        warn_unreadable("(a JPEG decoded on the device)", e)
+        return None
+
+
 def warn_unreadable(path, e):
     print(f"warning: skipping unreadable image {path}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
 
@@ -622,10 +730,10 @@ class ImageFolder(datasets.ImageFolder):
 
     PROBE = 16   # files decoded at start: if none is readable, the folder is one error line
 
-    def __init__(self, root, transform, substitute=True):
+    def __init__(self, root, transform, substitute=True, decode="pil"):
         self.substitute = substitute
         try:   # torchvision's errors: no such directory, no class folder, a class folder without images
-            super().__init__(root, transform, loader=load_image, is_valid_file=self.valid_file)
+            super().__init__(root, transform, loader=READERS[decode], is_valid_file=self.valid_file)
         except FileNotFoundError as e:
             fail(f"data directory {root}: {e}")
         self.skipped = torch.zeros(1, dtype=torch.int64).share_memory_()   # loader workers add to it
@@ -683,9 +791,14 @@ class Indexed(torch.utils.data.Dataset):
 
 
 def collate(batch):
-    """default_collate without the samples a dataset dropped (None)."""
+    """default_collate without the samples a dataset dropped (None); images still to decode on the device
+    (--decode device) stay a list."""
     batch = [b for b in batch if b is not None]
-    return default_collate(batch) if batch else None
+    if not batch:
+        return None
+    if any(isinstance(b[0], Encoded) for b in batch):
+        return [b[0] for b in batch], default_collate([b[1:] for b in batch])[0]
+    return default_collate(batch)
 
 
 def skipped_images(dataset):
@@ -741,10 +854,11 @@ def named_dataset(name, split, transform):
              "MIMREF_DATASETS to a folder every node shares (rank 0 downloads), or copy rank 0's there")
 
 
-def build_dataset(data, split, transform, img_size=224, synthetic_size=512):
+def build_dataset(data, split, transform, img_size=224, synthetic_size=512, decode="pil"):
     """split pretrain | train | val of `synthetic`, a DATASETS name, ROOT with ROOT/train and ROOT/val (or
     validate), or a flat class-folder ROOT (-> None for val). pretrain = train, except STL-10's unlabeled
-    images. Folders: training substitutes unreadable images, val drops them (ImageFolder)."""
+    images. Folders: training substitutes unreadable images, val drops them (ImageFolder); `decode`: what
+    the transform gets from a file (READERS: a PIL image, a uint8 tensor, or the file's bytes)."""
     if data == "synthetic":
         n = synthetic_size if split != "val" else synthetic_size // 4
         return SyntheticImages(n, img_size, transform)
@@ -754,9 +868,9 @@ def build_dataset(data, split, transform, img_size=224, synthetic_size=512):
         fail(f"--data {data}: directory does not exist (names: synthetic, {', '.join(DATASETS)})")
     for name in ["train"] if split != "val" else ["val", "validate"]:
         if os.path.isdir(os.path.join(data, name)):
-            return ImageFolder(os.path.join(data, name), transform, substitute=split != "val")
+            return ImageFolder(os.path.join(data, name), transform, split != "val", decode)
     has_split_dirs = any(os.path.isdir(os.path.join(data, n)) for n in ("train", "val", "validate"))
-    return None if split == "val" or has_split_dirs else ImageFolder(data, transform)
+    return None if split == "val" or has_split_dirs else ImageFolder(data, transform, decode=decode)
 
 
 class ResumableSampler(DistributedSampler):

@@ -22,19 +22,16 @@ import dataclasses
 import itertools
 import math
 import os
-import random
 import re
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import ImageFilter
-from torchvision import transforms
 from torchvision.ops import stochastic_depth
 from torchvision.utils import save_image
 
-from common import (IMAGENET_MEAN, IMAGENET_STD, Run, accum_steps, batch_warning, build_dataset,
-                    build_loader, check_ranges, cosine_schedule, fail, no_sync, param_groups,
+from common import (IMAGENET_MEAN, IMAGENET_STD, CropFlip, Run, accum_steps, batch_warning, build_dataset,
+                    build_loader, check_ranges, cosine_schedule, decode_mode, fail, images_to, no_sync, param_groups,
                     parse_config, print0, seed_all, setup_dist)
 
 # ----------------------------------------------------------------------------- config
@@ -87,6 +84,7 @@ class Config:
     stop_after: int = 0           # exit after this many optimizer steps, leaving a resumable checkpoint; 0 = off
     log_every: int = 50           # progress line every N optimizer steps
     viz_every: int = 0            # write OUT/viz_epoch{E}.png every N epochs (masks, student-teacher similarity)
+    decode: str = "cpu"           # cpu: loader workers decode JPEGs | device: workers read bytes, the GPU decodes
     out: str = "out/conmim"       # checkpoints, log.jsonl, config.json; an existing checkpoint.pth is resumed
     seed: int = 0                 # global seed; process r uses seed + r
     preset: str = ""              # a paper row (vit_small_300ep ... vit_large_1600ep) | tiny | small32 (CPU runs)
@@ -94,7 +92,7 @@ class Config:
 
     CHOICES = {"arch": ("vit_tiny", "vit_small", "vit_base", "vit_large"), "mask_type": ("random_mps32", "block"),
                "negatives": ("image", "batch"), "teacher_bn": ("batch", "running"), "amp": ("bf16", "fp16", "off"),
-               "init": ("beit", "xavier")}
+               "init": ("beit", "xavier"), "decode": ("cpu", "device")}
     RANGES = {"img_size": ">= 1", "crop_min_scale": "(0, 1]", "depth": ">= 0", "patch_size": ">= 1",
               "init_values": ">= 0", "rel_pos_init": ">= 0", "drop_path": "[0, 1)", "proj_hidden": ">= 1",
               "proj_dim": ">= 1", "mask_ratio": "(0, 1)", "mask_patch": ">= 1", "mask_patches": ">= 0",
@@ -238,8 +236,7 @@ def ema_update(teachers, students, m):
     @4263955)."""
     t = [p for mod in teachers for p in mod.parameters()]
     s = [p for mod in students for p in mod.parameters()]
-    torch._foreach_mul_(t, m)
-    torch._foreach_add_(t, s, alpha=1.0 - m)
+    torch._foreach_lerp_(t, s, 1.0 - m)   # one fused multi-tensor kernel: t + (1 - m) (s - t)
 
 
 def official_skip_decay(name, p):
@@ -313,7 +310,11 @@ class ConMIM(nn.Module):
             k = project(self.teacher_projector, self.teacher(strong), self.teacher_bn == "running")[:, 1:]
         return q, k
 
-    def forward(self, weak, strong, mask):
+    def forward(self, images, mask):
+        """images (B, 3, S, S) uint8 crops, mask (B, N) bool -> (loss, logs): the two views, then the loss."""
+        return self.loss_on_views(*two_views(images), mask)
+
+    def loss_on_views(self, weak, strong, mask):
         loss, acc = conmim_loss(*self.features(weak, strong, mask), mask, self.tau, self.cross_image)
         return loss, {"acc": acc}
 
@@ -323,29 +324,107 @@ class ConMIM(nn.Module):
 # ----------------------------------------------------------------------------- data
 
 
-def pil_blur(img):
-    """Official GaussianBlur: PIL radius ~ U(0.1, 2.0)."""
-    return img.filter(ImageFilter.GaussianBlur(random.uniform(0.1, 2.0)))
+def input_transform(cfg):
+    """CPU: decode, one random resized crop (bicubic) + flip for both views -> uint8 crop; the two views are made
+    from it on the device (two_views), so patch i is the same region in both."""
+    return CropFlip(cfg.img_size, (cfg.crop_min_scale, 1.0))
 
 
-class TwoViews:
-    """Asymmetric image perturbations: ONE crop + flip shared by both views, so patch i is the same region in both;
-    the student's weak view is only normalised, the teacher's strong view adds colour jitter, grayscale, blur and
-    solarize (official transforms). -> (weak, strong), each (3, S, S)."""
+def two_views(images, gen=None):
+    """uint8 crops (B, 3, S, S) -> (weak, strong), each (B, 3, S, S) normalised. The student's weak view is the
+    crop; the teacher's strong view adds the official photometric perturbations (TencentARC/ConMIM/datasets.py:
+    77-85@4263955), batched on the device, each image its own draws, in the official order: ColorJitter(0.4, 0.4,
+    0.2, 0.1) with p 0.8, grayscale p 0.2, Gaussian blur radius U(0.1, 2) p 0.1, solarize at 128 p 0.2.
+    Distributions equal to the torchvision / PIL transforms they replace: tests/test_conmim.py."""
+    x = images.float() / 255
+    B = x.shape[0]
 
-    def __init__(self, img_size, crop_min_scale=0.08):
-        norm = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-        self.geometry = transforms.Compose([transforms.RandomHorizontalFlip(), transforms.RandomResizedCrop(
-            img_size, scale=(crop_min_scale, 1.0), interpolation=transforms.InterpolationMode.BICUBIC)])
-        self.weak = transforms.Compose(norm)
-        self.strong = transforms.Compose([
-            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-            transforms.RandomGrayscale(0.2), transforms.RandomApply([transforms.Lambda(pil_blur)], p=0.1),
-            transforms.RandomSolarize(128, p=0.2), *norm])
+    def coin(p):   # (B, 1, 1, 1) bool, True with probability p, one draw per image
+        return torch.rand(B, 1, 1, 1, device=x.device, generator=gen) < p
 
-    def __call__(self, img):
-        img = self.geometry(img)
-        return self.weak(img), self.strong(img)
+    y = torch.where(coin(0.8), color_jitter(x, 0.4, 0.4, 0.2, 0.1, gen), x)
+    y = torch.where(coin(0.2), grey(y).expand_as(y), y)
+    sigma = 0.1 + 1.9 * torch.rand(B, device=x.device, generator=gen)
+    y = torch.where(coin(0.1), gaussian_blur(y, sigma), y)
+    y = torch.where(coin(0.2) & (y >= 128 / 255), 1 - y, y)                      # solarize
+    mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std, (y - mean) / std
+
+
+def grey(x):
+    """(B, 3, H, W) -> (B, 1, H, W) luma with torchvision's weights (rgb_to_grayscale)."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def color_jitter(x, brightness, contrast, saturation, hue, gen=None):
+    """torchvision's ColorJitter on a batch in [0, 1]: every image draws its own factors, U(1 - v, 1 + v) (hue:
+    U(-hue, hue)), and its own random order of the four adjustments (jitter_op). A zero strength is skipped, as
+    torchvision skips None. x (B, 3, H, W) -> (B, 3, H, W)."""
+    B, dev = x.shape[0], x.device
+    strengths = (brightness, contrast, saturation, hue)
+    u = 2 * torch.rand(4, B, 1, 1, 1, device=dev, generator=gen) - 1                # (4, B, 1, 1, 1) in [-1, 1)
+    factors = [u[op] * v + (op < 3) for op, v in enumerate(strengths)]           # hue: a shift, not a factor
+    order = torch.rand(B, 4, device=dev, generator=gen).argsort(1)               # (B, 4) a permutation each
+    for k in range(4):
+        for op, v in enumerate(strengths):
+            if v:
+                x = torch.where(order[:, k].view(B, 1, 1, 1) == op, jitter_op(x, op, factors[op]), x)
+    return x
+
+
+def jitter_op(x, op, f):
+    """torchvision's adjust_brightness / contrast / saturation / hue (op 0-3) on float images, with a per-image
+    factor f (B, 1, 1, 1)."""
+    if op == 0:
+        y = x * f
+    elif op == 1:
+        y = f * x + (1 - f) * grey(x).mean((2, 3), keepdim=True)
+    elif op == 2:
+        y = f * x + (1 - f) * grey(x)
+    else:
+        y = adjust_hue(x, f.view(-1, 1, 1))
+    return y.clamp(0, 1)
+
+
+def adjust_hue(x, shift):
+    """torchvision's adjust_hue with a per-image shift: RGB -> HSV, h + shift mod 1, -> RGB. x (B, 3, H, W),
+    shift (B, 1, 1)."""
+    r, g, b = x.unbind(1)                                                         # 3 x (B, H, W)
+    maxc, minc = x.max(1).values, x.min(1).values
+    flat = maxc == minc
+    span = torch.where(flat, torch.ones_like(maxc), maxc - minc)
+    s = (maxc - minc) / torch.where(flat, torch.ones_like(maxc), maxc)
+    rc, gc, bc = (maxc - r) / span, (maxc - g) / span, (maxc - b) / span
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.fmod(h / 6.0 + 1.0, 1.0)
+    h = (h + shift) % 1.0
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.long() % 6
+    v = maxc
+    p = (v * (1 - s)).clamp(0, 1)
+    q = (v * (1 - s * f)).clamp(0, 1)
+    t = (v * (1 - s * (1 - f))).clamp(0, 1)
+    # the six sectors of the hue circle: (r, g, b) = one of these triples
+    table = torch.stack([torch.stack(c) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v),
+                                                   (v, p, q))])                  # (6, 3, B, H, W)
+    return table.gather(0, i[None, None].expand(1, 3, *i.shape))[0].transpose(0, 1)   # (B, 3, H, W)
+
+
+def gaussian_blur(x, sigma, taps=13):
+    """PIL's GaussianBlur(radius = sigma) on a batch, one sigma per image (B,): a separable 13-tap Gaussian
+    (enough for sigma <= 2), edges replicated as PIL does."""
+    B, C, H, W = x.shape
+    offsets = torch.arange(taps, device=x.device) - taps // 2
+    k = torch.exp(-offsets.float() ** 2 / (2 * sigma.view(B, 1) ** 2))
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(C, 0)                    # (B*C, taps)
+    z = x.reshape(1, B * C, H, W)
+    pad = taps // 2
+    z = F.conv2d(F.pad(z, (pad, pad, 0, 0), mode="replicate"), k.view(B * C, 1, 1, taps), groups=B * C)
+    z = F.conv2d(F.pad(z, (0, 0, pad, pad), mode="replicate"), k.view(B * C, 1, taps, 1), groups=B * C)
+    return z.view(B, C, H, W)
+
 
 # ----------------------------------------------------------------------------- training loop and main
 
@@ -400,7 +479,8 @@ def main(cfg):
     accum = accum_steps(cfg, world)
     global_batch = cfg.batch_size * world * accum
 
-    dataset = build_dataset(cfg.data, "pretrain", TwoViews(cfg.img_size, cfg.crop_min_scale), cfg.img_size)
+    decode = decode_mode(cfg.decode)   # what the loader workers hand over: decoded pixels or JPEG bytes
+    dataset = build_dataset(cfg.data, "pretrain", input_transform(cfg), cfg.img_size, decode=decode)
     loader = build_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.workers, device)
     steps_per_epoch = min(len(loader) // accum, cfg.steps_per_epoch or len(loader))   # optimizer steps
     if steps_per_epoch < 1:
@@ -425,21 +505,22 @@ def main(cfg):
     for it, batches in run.steps():
         for g in opt.param_groups:
             g["lr"] = lr_sched[it]
-        for last, ((weak, strong), _) in batches:
-            weak, strong = weak.to(device, non_blocking=True), strong.to(device, non_blocking=True)
-            mask = sample_mask(cfg, weak.shape[0], device)                    # (B, N) bool on the device
+        for last, (images, _) in batches:
+            images = images_to(images, device)                                # (B, 3, S, S) uint8 crops
+            mask = sample_mask(cfg, images.shape[0], device)                  # (B, N) bool on the device
             with no_sync(model, last):
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss, logs = model(weak, strong, mask)                    # METHOD: student, teacher, InfoNCE
+                    loss, logs = model(images, mask)                          # METHOD: views, student, teacher
                 scaler.scale(loss / accum).backward()
             run.add(loss=loss, **logs)
         optimizer_step(raw_model, opt, scaler, cfg.clip_grad, ema_sched[it])   # METHOD: + teacher EMA
         if run.end_step(it, lr_sched[it]):                                     # epoch end or --stop-after
-            run.save(checkpoint(raw_model, opt, scaler), check=lambda: raw_model(weak, strong, mask)[0])
+            run.save(checkpoint(raw_model, opt, scaler), check=lambda: raw_model(images, mask)[0])
             epoch = run.epoch
             if cfg.viz_every and (epoch + 1) % cfg.viz_every == 0 and rank == 0:   # own RNG: training unaffected
-                n, gen = min(8, weak.shape[0]), torch.Generator(device).manual_seed(epoch)
-                visualize(raw_model, weak[:n], strong[:n], sample_mask(cfg, n, device, gen),
+                n, gen = min(8, images.shape[0]), torch.Generator(device).manual_seed(epoch)
+                weak, strong = two_views(images[:n], gen)
+                visualize(raw_model, weak, strong, sample_mask(cfg, n, device, gen),
                           os.path.join(cfg.out, f"viz_epoch{epoch}.png"))
 
 # ----------------------------------------------------------------------------- appendix: BEiT-style ViT

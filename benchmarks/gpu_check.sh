@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # benchmarks/gpu_check.sh - one short GPU session: every paper preset starts and trains a few optimizer steps on
-# synthetic images (recipe line, accumulation, finite loss), then the device-only step speed at the paper sizes.
+# synthetic images (recipe line, accumulation, finite loss), then the device-only step speed at the paper sizes,
+# eager and compiled beside the plain classifiers, the top kernels of each step, the input pipelines on generated
+# JPEGs with 12 loader workers, and --decode device (nvjpeg).
 #   bash benchmarks/gpu_check.sh            # writes logs to $OUT (default out/gpu_check)
 # The presets run at --global-batch 256 (accumulation 4 at per-GPU batch 64) so that a step takes seconds; their
 # batch warning is expected. Paper hours are projected from the speed rows, never from these smoke runs.
@@ -27,6 +29,11 @@ preset correlate_vit_base cim_correlate.py --preset vit_base_300ep $S
 preset corrupt_vit_base cim_corrupt.py --preset vit_base_300ep --tokenizer random $S
 preset corrupt_resnet50 cim_corrupt.py --preset resnet50_300ep --tokenizer random $S
 
-echo "=== device-only step speed, bf16 eager, paper sizes (224 px, per-GPU batch 64)"
-timeout 220 python benchmarks/speed.py --device cuda --arch vit_base --img-size 224 --batch-size 64 --iters 10 \
-    --workers 12 2>&1 | grep -v "^WARNING: --tokenizer random" | tee "$OUT/speed_vit_base.txt"
+SPEED="python benchmarks/speed.py --device cuda --arch vit_base --img-size 224 --batch-size 64 --iters 10"
+echo "=== device-only step speed, bf16 eager, paper sizes (224 px, per-GPU batch 64), top 12 kernels per row"
+timeout 300 $SPEED --profile 12 2>&1 | grep -v "^WARNING: --tokenizer random" | tee "$OUT/speed_eager.txt"
+echo "=== the same, torch.compile"
+timeout 600 $SPEED --compile 2>&1 | grep -v "^WARNING: --tokenizer random" | tee "$OUT/speed_compile.txt"
+echo "=== input pipelines on 512 generated ImageNet-sized JPEGs, 12 workers; --decode device on the GPU"
+timeout 240 python benchmarks/speed.py --loader --jpegs 512 --workers 12 --device cuda --out /tmp/gpu_check \
+    2>&1 | tee "$OUT/loader.txt"

@@ -246,7 +246,7 @@ def conmim_parity(path, args, rep):
     rep.line("forward: teacher features", max_diff(k, k_off), args.tol)
 
     # loss and gradients: our forward vs one step of the official train_one_epoch (its loss code as released)
-    loss, _ = ours(weak, strong, mask)
+    loss, _ = ours.loss_on_views(weak, strong, mask)
     loss.backward()
     scaler, m = _CaptureScaler(), 0.9
     opt = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.0)
@@ -278,7 +278,7 @@ def conmim_parity(path, args, rep):
 
 def conmim_features(ours, weak, strong, mask):
     """OUR FORWARD, ConMIM (adapt here if conmim.py changes): projected patch features q (student, masked weak view)
-    and k (teacher, full strong view), each (B, N, d); the loss is `ours(weak, strong, mask)[0]`."""
+    and k (teacher, full strong view), each (B, N, d); the loss is `ours.loss_on_views(weak, strong, mask)[0]`."""
     return ours.features(weak, strong, mask)
 
 

@@ -1,10 +1,11 @@
 """
 benchmarks/speed.py - img/s, peak memory, FLOPs and MFU of each method's full training step, beside a plain
-image-classifier step of the same backbone and the data loader alone.
+image-classifier step of the same backbone; with --loader, img/s per CPU core of each input pipeline on real JPEGs.
 
     python benchmarks/speed.py --device cuda --arch vit_base --img-size 224 --batch-size 128        # eager
     python benchmarks/speed.py --device cuda --arch vit_base --img-size 224 --batch-size 128 --compile
     python benchmarks/speed.py --device cpu --quick                                         # tiny preset, seconds
+    python benchmarks/speed.py --loader --workers 2          # input pipelines on ImageNet-sized JPEGs, per core
 
 A "step" is everything a training iteration does on the device: forward, backward, optimizer, EMA / teacher /
 generator / tokenizer work, mask / crop / corruption generation. FLOPs are counted once with
@@ -14,9 +15,11 @@ achieved FLOP/s by a dense matmul measured in the same run (bf16 on GPU, fp32 on
 import argparse, importlib, sys, time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +61,18 @@ def time_step(step, batch, device, warmup, iters):
     return (time.perf_counter() - t) / iters, mem
 
 
+def profile(step, batch, device, top):
+    """Top ops of 3 steps by self time on the device (CUDA kernels on a GPU, CPU ops on a CPU)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(3):
+            step(batch)
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60), flush=True)
+
+
 def count_flops(step, batch):
     """Counted FLOPs of one step. CPU SDPA kernels are not in torch's table: count them like the GPU ones."""
     aten, flop = torch.ops.aten, torch.utils.flop_counter
@@ -75,16 +90,14 @@ def method_setup(name, cfg, device):
     m = importlib.import_module(name)
     if name == "conmim":
         raw = m.ConMIM(cfg).to(device)
-        tf = m.TwoViews(cfg.img_size)
-        def fwd(b):
-            weak, strong = b
-            return raw(weak, strong, m.sample_mask(cfg, weak.shape[0], device))[0]
+        tf = m.input_transform(cfg)
+        fwd = lambda b: raw(b, m.sample_mask(cfg, b.shape[0], device))[0]
     elif name == "cim_correlate":
-        raw, tf = m.CorrelationalIM(cfg).to(device), m.build_transform(cfg)
+        raw, tf = m.CorrelationalIM(cfg).to(device), m.input_transform(cfg)
         fwd = lambda b: raw(b)[0]
     else:
         raw = m.CIM(cfg, m.load_tokenizer(cfg).to(device)).to(device)
-        tf = m.build_transform(cfg)
+        tf = m.input_transform(cfg)
         fwd = lambda b: raw(b)[0]
     if cfg.arch == "resnet50":
         raw = raw.to(memory_format=torch.channels_last)
@@ -153,7 +166,15 @@ def main():
     p.add_argument("--data", default="synthetic", help="ImageFolder root for the loader row (JPEG decoding)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="CPU: each file's tiny preset, 2 timed steps (seconds)")
+    p.add_argument("--loader", action="store_true", help="input pipelines on JPEGs instead of training steps")
+    p.add_argument("--profile", type=int, default=0, help="after each row: its top N ops by device time")
+    p.add_argument("--jpegs", type=int, default=256, help="--loader without --data: JPEGs to write into --out")
+    p.add_argument("--seconds", type=float, default=6.0, help="--loader: timing per row (split over the rounds)")
+    p.add_argument("--rounds", type=int, default=3, help="--loader: interleaved rounds, the best one is kept")
+    p.add_argument("--out", default="out/speed", help="--loader: where the generated JPEGs go")
     args = p.parse_args()
+    if args.loader:
+        return loader_main(args)
     device = torch.device(args.device)
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
     peak = matmul_peak(device, amp_dtype or torch.float32)
@@ -167,6 +188,8 @@ def main():
         sec, mem = time_step(step, batch, device, warmup, iters)
         print(f"{label:<42} {bs:>5} {bs / sec:>9.1f} {flops / bs / 1e9:>10.2f} {flops / sec / peak:>6.1%} {mem:>9.2f}",
               flush=True)
+        if args.profile:
+            profile(step, batch, device, args.profile)
     for arch in args.archs.split(","):
         for name in args.methods.split(","):
             if arch == "resnet50" and name == "conmim":
@@ -202,6 +225,122 @@ def main():
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=device.type == "cuda")
         step = make_step(net, fwd, lambda: None, opt, amp_dtype, device, 0, args.compile)
         report(f"{label} {cfg.img_size}px (reference)", step, x, cfg.batch_size)
+
+
+
+# ----------------------------------------------------------------------------- --loader: input pipelines on JPEGs
+# Device step rates (img/s) each pipeline has to feed: benchmarks/README.md#speed, one H200, bf16, eager, ViT-B/16,
+# per-GPU batch 64, measured 2026-11-27. The fine-tuning rows feed a classifier step (timm ViT-B/16's rate).
+STEP_RATES = {"conmim": 798.6, "cim_correlate": 1400.9, "cim_corrupt": 467.6, "classifier": 2390.5}
+
+
+def write_jpegs(out, n=256, quality=90, seed=0):
+    """n ImageNet-sized JPEGs (500x375 or 375x500, quality 90) in 2 class folders: random crops of the photos that
+    scikit-image and scikit-learn bundle (benchmark extras), resized; made offline, the same every time."""
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+    names = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket")
+    photos = [getattr(skimage.data, k)() for k in names] + list(load_sample_images().images)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        src = Image.fromarray(photos[i % len(photos)])
+        w, h = (500, 375) if rng.random() < 0.75 else (375, 500)
+        s = rng.uniform(0.6, 1.0)
+        cw, ch = int(src.width * s), int(src.height * s)
+        x, y = int(rng.integers(0, src.width - cw + 1)), int(rng.integers(0, src.height - ch + 1))
+        folder = Path(out) / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        src.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BICUBIC).save(folder / f"{i:05d}.JPEG",
+                                                                             quality=quality)
+    return out
+
+
+def pipelines(data):
+    """row -> (dataset of the real CPU pipeline over `data`, step-rate key, what the CPU does). The method rows
+    build exactly what their main() builds (ViT-B/16 defaults, 224 px, --decode cpu)."""
+    from torchvision import transforms as T
+    import conmim, cim_correlate, cim_corrupt, finetune
+    norm = [T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+    reference = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), *norm])
+    rows = {"reference: RandomResizedCrop + flip": (build_dataset(data, "train", reference), "classifier",
+                                                   "PIL decode, crop (bilinear), flip, float normalise")}
+    for name, m in (("conmim", conmim), ("cim_correlate", cim_correlate), ("cim_corrupt", cim_corrupt)):
+        cfg = parse_config(m.Config, ["--data", data])
+        ds = build_dataset(data, "pretrain", m.input_transform(cfg), 224, decode=m.decode_mode(cfg.decode))
+        rows[name] = (ds, name, "decode, crop (bicubic), flip -> uint8; the rest on the GPU")
+    for mode in ("finetune", "linear"):
+        cfg = parse_config(finetune.Config, ["--data", data, "--pretrained", "random", "--mode", mode])
+        train_tf, val_tf = finetune.build_transforms(cfg, 224)
+        work = "PIL: crop, flip" + (", RandAugment, erasing" if mode == "finetune" else "") + ", normalise"
+        rows[f"finetune.py --mode {mode} (train)"] = (build_dataset(data, "train", train_tf), "classifier", work)
+    val = build_dataset(data, "val", val_tf) or build_dataset(data, "train", val_tf)
+    rows["finetune.py val / kNN"] = (val, "classifier", "PIL: resize, centre crop, normalise")
+    return rows
+
+
+def per_core(ds, seconds):
+    """img/s of one process running the pipeline in a loop (what each loader worker does)."""
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        ds[n % len(ds)]
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def with_workers(ds, workers, seconds, batch=32):
+    """img/s of a DataLoader with `workers` processes (collate included), after their start-up."""
+    sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=10 ** 7)
+    loader = torch.utils.data.DataLoader(ds, batch, sampler=sampler, num_workers=workers)
+    it = iter(loader)
+    for _ in range(workers * 2):
+        next(it)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        n += len(next(it)[1])
+    return n / (time.perf_counter() - t0)
+
+
+def loader_main(args):
+    """Rows measured in `--rounds` interleaved rounds, best round kept (a shared machine only ever slows a row)."""
+    torch.set_num_threads(1)
+    data = args.data if args.data != "synthetic" else write_jpegs(Path(args.out) / "jpegs", args.jpegs)
+    rows = pipelines(str(data))
+    rate = {row: 0.0 for row in rows}
+    for _ in range(args.rounds):
+        for row, (ds, _, _) in rows.items():
+            rate[row] = max(rate[row], per_core(ds, args.seconds / args.rounds))
+    print(f"input pipelines on {data} ({len(rows['conmim'][0])} JPEGs), 1 thread per process, best of "
+          f"{args.rounds} rounds; GPU img/s: the H200 step rates of benchmarks/README.md#speed")
+    print(f"{'row':<38} {'img/s/core':>10} {'ms/img':>7} {'x ref':>6} {'img/s, ' + str(args.workers) + ' workers':>17} "
+          f"{'GPU img/s':>9} {'cores/GPU':>9}  CPU work")
+    ref = rate["reference: RandomResizedCrop + flip"]
+    for row, (ds, key, work) in rows.items():
+        multi = with_workers(ds, args.workers, args.seconds / args.rounds) if args.workers > 1 else rate[row]
+        gpu = STEP_RATES[key]
+        print(f"{row:<38} {rate[row]:>10.1f} {1e3 / rate[row]:>7.2f} {ref / rate[row]:>6.2f} {multi:>17.1f} "
+              f"{gpu:>9.1f} {gpu / rate[row]:>9.1f}  {work}", flush=True)
+    device_decode(str(data), torch.device(args.device if torch.cuda.is_available() else "cpu"), args.seconds)
+
+
+def device_decode(data, device, seconds, batch=64):
+    """--decode device: the loader workers only read bytes and draw the crop (img/s per core), images_to()
+    decodes and crops a batch on `device` (img/s; nvjpeg on a GPU, libjpeg-turbo in this process on a CPU)."""
+    import conmim
+    from common import collate, images_to
+    cfg = parse_config(conmim.Config, ["--data", data, "--decode", "device"])
+    ds = build_dataset(data, "pretrain", conmim.input_transform(cfg), 224, decode="bytes")
+    cpu = per_core(ds, seconds / 2)
+    items, _ = collate([ds[i % len(ds)] for i in range(batch)])
+    images_to(items, device)
+    sync(device)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds / 2:
+        images_to(items, device)
+        sync(device)
+        n += batch
+    rate = n / (time.perf_counter() - t0)
+    print(f"--decode device (conmim): workers read bytes and draw crops at {cpu:.1f} img/s per core; "
+          f"decode + crop of a batch of {batch} on {device}: {rate:.1f} img/s", flush=True)
 
 
 if __name__ == "__main__":

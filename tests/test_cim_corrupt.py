@@ -254,6 +254,7 @@ def run_main(out, monkeypatch, **kw):
     argmax "samples", so micro-batches see exactly the work of the full batch."""
     monkeypatch.setattr(cc, "random_mask", lambda B, N, r, dev: (torch.arange(N) + torch.arange(B)[:, None]) % 2 == 0)
     monkeypatch.setattr(cc, "sample_tokens", lambda logits, t: logits.argmax(-1))
+    monkeypatch.setattr(cc, "augment", lambda images: images.float() / 255)   # jitter draws follow the batch
     cfg = tiny(data="synthetic", out=str(out), steps_per_epoch=1, log_every=1, **kw)
     cc.main(cfg)
     return torch.load(out / "checkpoint.pth", weights_only=True)
@@ -325,3 +326,19 @@ def test_accumulation_resume_is_exact(tmp_path):
     cc.main(tiny(out=str(tmp_path / "cut"), **kw))
     a, b = (torch.load(tmp_path / d / "checkpoint.pth", weights_only=True) for d in ("full", "cut"))
     assert a["step"] == b["step"] == 6 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_colour_jitter_is_conmims_verbatim_copy():
+    """Each file carries its own copy (README: one file per method); conmim.py's is tested against torchvision's
+    ColorJitter, and this one must stay the same text."""
+    import inspect
+    import conmim
+    for name in ("grey", "color_jitter", "jitter_op", "adjust_hue"):
+        assert inspect.getsource(getattr(cc, name)) == inspect.getsource(getattr(conmim, name)), name
+
+
+def test_augment_jitters_each_image_on_its_own():
+    crop = torch.full((64, 3, 8, 8), 100, dtype=torch.uint8)
+    out = cc.augment(crop)
+    assert out.shape == (64, 3, 8, 8) and out.dtype == torch.float32 and out.min() >= 0 and out.max() <= 1
+    assert out.mean((1, 2, 3)).unique().numel() > 32   # its own brightness / contrast / saturation per image

@@ -205,3 +205,42 @@ def test_checkpoint_fsync_hash_and_out_lock(tmp_path, monkeypatch):
     p.kill()   # its lock dies with it: no stale lock to delete by hand
     p.wait()
     prepare_out(other, Cfg(), __file__)
+
+
+def test_read_image_gives_load_image_pixels(tmp_path):
+    """The fast decoders (torchvision's libjpeg-turbo / libpng) give PIL's pixels, odd modes included."""
+    from common import read_image
+    write_images(tmp_path / "a")
+    for name in ("rgb.jpg", "gray.png", "cmyk.jpg", "alpha.png", "sixteen.png", "tiny.png"):
+        ours = read_image(tmp_path / "a" / name)
+        ref = torch.from_numpy(np.array(load_image(tmp_path / "a" / name))).permute(2, 0, 1)
+        assert ours.dtype == torch.uint8 and torch.equal(ours, ref), name
+
+
+def test_crop_flip_decoded_on_the_device_equals_the_worker_path(tmp_path, capsys):
+    """--decode device, run with device = CPU: the loader hands over JPEG bytes and the drawn box, images_to()
+    decodes and crops; the pixels equal those of the worker path (decode + crop in the loader), PNGs included;
+    a broken JPEG is named and replaced by another image of the batch."""
+    from common import CropFlip, Encoded, collate, images_to
+    folder = tmp_path / "d" / "c"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (40 + 7 * i, 50, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(folder / "5.png")
+    crop = CropFlip(16, (0.2, 1.0))
+    worker = build_dataset(str(tmp_path / "d"), "train", crop, decode="tensor")
+    device = build_dataset(str(tmp_path / "d"), "train", crop, decode="bytes")
+    torch.manual_seed(0)
+    a = collate([worker[i] for i in range(6)])[0]
+    torch.manual_seed(0)
+    items, labels = collate([device[i] for i in range(6)])
+    assert isinstance(items, list) and sum(isinstance(x, Encoded) for x in items) == 5
+    b = images_to(items, torch.device("cpu"))
+    assert a.shape == b.shape == (6, 3, 16, 16) and torch.equal(a, b)
+    items[1].data = items[1].data.clone()
+    items[1].data[2:200] = 0   # a broken header between intact start and end markers
+    capsys.readouterr()
+    c = images_to(items, torch.device("cpu"))
+    assert c.shape == (6, 3, 16, 16) and "skipping unreadable image" in capsys.readouterr().err
+    assert torch.equal(c[1], c[0]) and torch.equal(c[2:], b[2:])   # replaced by another image of the batch

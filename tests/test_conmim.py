@@ -8,16 +8,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import random
+
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+import torchvision.transforms as T
+from PIL import Image, ImageFilter, ImageOps
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
-from common import parse_config
+from common import IMAGENET_MEAN, IMAGENET_STD, parse_config
 from conftest import ROOT
-from conmim import (Config, ConMIM, TwoViews, block_mask, conmim_loss, ema_update, main, param_groups,
-                    official_skip_decay, optimizer_step, random_mps_mask, sample_mask, to_timm_layout)
+from conmim import (Config, ConMIM, block_mask, color_jitter, conmim_loss, ema_update, gaussian_blur, grey,
+                    input_transform, jitter_op, main, official_skip_decay, optimizer_step, param_groups,
+                    random_mps_mask, sample_mask, to_timm_layout, two_views)
 
 
 def slow_loss(q, k, mask, tau, cross_image):
@@ -137,7 +144,7 @@ def test_teacher_bn_statistics_are_its_own(teacher_bn):
     weak, strong = torch.randn(4, 3, 32, 32), 3 + 2 * torch.randn(4, 3, 32, 32)
     mask = sample_mask(parse_config(Config, ["--preset", "tiny"]), 4, "cpu")
     bn_t, bn_s = model.teacher_projector[1], model.projector[1]
-    model(weak, strong, mask)
+    model.loss_on_views(weak, strong, mask)
     model.ema_update(0.9)
     assert not torch.equal(bn_t.running_mean, bn_s.running_mean)
     if teacher_bn == "running":
@@ -170,7 +177,7 @@ def test_fp16_skipped_step_leaves_student_and_teacher_alone():
         model.teacher.blocks[0].attn.qkv.weight.add_(1.0)                            # teacher != student
     for poison in (True, False):
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        scaler.scale(model(weak, weak, mask)[0]).backward()
+        scaler.scale(model.loss_on_views(weak, weak, mask)[0]).backward()
         if poison:
             model.student.blocks[0].mlp.fc1.weight.grad[0, 0] = float("inf")
         optimizer_step(model, opt, scaler, 1.0, 0.5)
@@ -192,6 +199,13 @@ def test_accumulation_equals_one_big_batch(tmp_path, monkeypatch):
     monkeypatch.setattr(conmim, "projector", lambda d, h, o: nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, o)))
     row = sample_mask(parse_config(Config, ["--preset", "tiny"]), 1, "cpu")
     monkeypatch.setattr(conmim, "sample_mask", lambda cfg, B, device, generator=None: row.expand(B, -1))
+    real_views = conmim.two_views
+
+    def per_image(images, gen=None):   # photometric draws per image: batching can't change them
+        views = [real_views(x[None], torch.Generator().manual_seed(int(x.sum()))) for x in images]
+        return tuple(torch.cat(v) for v in zip(*views))
+
+    monkeypatch.setattr(conmim, "two_views", per_image)
     base = ["--preset", "tiny", "--depth", "2", "--data", "synthetic", "--steps-per-epoch", "2", "--epochs", "2",
             "--warmup-epochs", "1", "--clip-grad", "100"]   # clipping on but inactive: it would hide a 2x gradient
     runs = {"big": ["--batch-size", "8"], "accum": ["--batch-size", "4", "--accum-iter", "2"],
@@ -210,13 +224,85 @@ def test_accumulation_equals_one_big_batch(tmp_path, monkeypatch):
                 assert (ck[name]["optimizer"]["state"][i][m] - st[m]).norm() <= 1e-4 * st[m].norm(), (i, m)
 
 
-def test_views_share_one_crop_and_flip():
-    tv = TwoViews(32)
-    tv.strong = tv.weak                      # without the photometric part, both views must be the same pixels
-    img = Image.fromarray(torch.randint(0, 255, (50, 70, 3), dtype=torch.uint8).numpy())
-    for _ in range(5):
-        weak, strong = tv(img)
-        assert weak.shape == (3, 32, 32) and torch.equal(weak, strong)
+def photo(size):
+    import skimage.data
+    return Image.fromarray(skimage.data.astronaut()).resize((size, size), Image.BICUBIC)
+
+
+def test_views_share_one_crop():
+    """The loader makes one crop (uint8); the weak view is exactly that crop normalised, and the strong view is
+    computed from the same pixels, so patch i is the same region in both."""
+    crop = input_transform(parse_config(Config, ["--preset", "tiny"]))(photo(64))
+    assert crop.shape == (3, 32, 32) and crop.dtype == torch.uint8
+    weak, strong = two_views(crop[None].expand(64, -1, -1, -1))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    torch.testing.assert_close(weak[0], (crop / 255 - mean) / std)
+    assert weak.shape == strong.shape and not torch.equal(weak, strong)
+
+
+def test_jitter_ops_equal_torchvision():
+    x = torch.rand(5, 3, 9, 9)
+    f = torch.tensor([0.6, 0.8, 1.0, 1.2, 1.4]).view(5, 1, 1, 1)
+    h = torch.tensor([-0.1, -0.05, 0.0, 0.05, 0.1]).view(5, 1, 1, 1)
+    fns = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    for op, fn in enumerate(fns):
+        factors = h if op == 3 else f
+        ours = jitter_op(x, op, factors)
+        for i in range(5):
+            torch.testing.assert_close(ours[i], fn(x[i], factors[i].item()), rtol=0, atol=2e-6)
+
+
+def stats(y):
+    """Per-image summaries of (N, 3, H, W) in [0, 1]: channel means, channel stds, mean chroma (max - min)."""
+    chroma = (y.amax(1) - y.amin(1)).mean((1, 2))
+    return torch.cat([y.mean((2, 3)), y.std((2, 3)), chroma[:, None]], 1)
+
+
+def same_distribution(a, b, z=4.0, rel=0.05):
+    """Means within z standard errors and standard deviations within rel, per summary."""
+    se = (a.var(0) / len(a) + b.var(0) / len(b)).sqrt()
+    assert ((a.mean(0) - b.mean(0)).abs() <= z * se + 1e-4).all(), ((a.mean(0) - b.mean(0)) / se)
+    assert ((a.std(0) / b.std(0) - 1).abs() <= rel).all(), a.std(0) / b.std(0)
+
+
+def test_color_jitter_draws_like_torchvision():
+    """Factors and the random order per image: the same output distribution as torchvision's ColorJitter
+    applied image by image."""
+    x = TF.to_dtype(TF.pil_to_tensor(photo(12)), torch.float32, scale=True)
+    torch.manual_seed(0)
+    ours = color_jitter(x.expand(3000, -1, -1, -1), 0.4, 0.4, 0.2, 0.1)
+    ref = torch.stack([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)(x) for _ in range(3000)])
+    same_distribution(stats(ours), stats(ref))
+
+
+def test_grey_blur_solarize_match_pil():
+    img = photo(48)
+    x = TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True)[None]
+    assert (grey(x)[0, 0] * 255 - torch.from_numpy(np.array(img.convert("L"))).float()).abs().max() < 0.6
+    for r in (0.1, 0.5, 1.0, 2.0):   # PIL approximates the Gaussian with box blurs: about 1 level apart
+        pil = TF.pil_to_tensor(img.filter(ImageFilter.GaussianBlur(r))).float()
+        diff = (gaussian_blur(x, torch.tensor([r]))[0] * 255 - pil).abs()[:, 6:-6, 6:-6]
+        assert diff.mean() < 1.5 and diff.max() < 6, (r, diff.mean(), diff.max())
+    solar = TF.pil_to_tensor(ImageOps.solarize(img, 128)).float() / 255
+    torch.testing.assert_close(torch.where(x[0] >= 128 / 255, 1 - x[0], x[0]), solar, rtol=0, atol=1e-6)
+
+
+def test_strong_view_draws_like_the_official_pil_pipeline():
+    """The whole strong view against the PIL pipeline it replaces (ColorJitter p 0.8, grayscale 0.2, blur 0.1,
+    solarize 0.2), applied image by image: same summary distributions, same share of grey images."""
+    img = photo(16)
+    blur = T.Lambda(lambda im: im.filter(ImageFilter.GaussianBlur(random.uniform(0.1, 2.0))))
+    official = T.Compose([T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(0.2),
+                          T.RandomApply([blur], p=0.1), T.RandomSolarize(128, p=0.2), T.ToTensor()])
+    torch.manual_seed(0)
+    random.seed(0)
+    ref = torch.stack([official(img) for _ in range(3000)])
+    crop = TF.pil_to_tensor(img)[None].expand(3000, -1, -1, -1)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    ours = two_views(crop)[1] * std + mean
+    same_distribution(stats(ours), stats(ref), rel=0.08)
+    grey_share = [((y.amax(1) - y.amin(1)) < 1.5 / 255).all((1, 2)).float().mean() for y in (ours, ref)]
+    assert abs(grey_share[0] - grey_share[1]) < 0.03 and abs(grey_share[0] - 0.2) < 0.03, grey_share
 
 
 def test_overfit_one_batch():
@@ -234,7 +320,7 @@ def test_overfit_one_batch():
     mask = sample_mask(cfg, 8, "cpu")
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3, betas=(0.9, 0.98))
     for _ in range(50):
-        loss, logs = model(weak, strong, mask)
+        loss, logs = model.loss_on_views(weak, strong, mask)
         opt.zero_grad()
         loss.backward()
         opt.step()

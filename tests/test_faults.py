@@ -402,3 +402,15 @@ def test_test_extras_cover_every_import_of_the_tests_and_benchmarks():
     req = (ROOT / "requirements-test.txt").read_text().lower()
     for package in ("pytest", "timm", "scikit-learn", "scikit-image", "matplotlib", "vermin"):
         assert package in req, package
+
+
+def test_decode_on_the_device_trains_like_decode_in_the_workers(tmp_path, capsys):
+    """--decode device (here the device is the CPU) draws the same crops in the loader and decodes the same
+    pixels: the run prints the same losses as --decode cpu."""
+    data = write_folder(tmp_path / "d", n_per_class=8, size=48)
+    losses = []
+    for decode in ("cpu", "device"):
+        args = ["--data", str(data), "--batch-size", "4", "--epochs", "1", "--decode", decode]
+        assert start("conmim", *args, "--out", str(tmp_path / decode)) == (0, "")
+        losses.append([line.split("|")[1] for line in capsys.readouterr().out.splitlines() if line.startswith("ep ")])
+    assert losses[0] == losses[1] and len(losses[0]) == 4
