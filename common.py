@@ -1,14 +1,15 @@
-"""common.py - the generic helpers of the method files and finetune.py; nothing from a paper lives here.
+"""
+common.py - the generic helpers of the method files and finetune.py; nothing from a paper is here.
 
-Sections: config parsing | processes | schedules, weight decay | --out, checkpoints | the training run (Run) | data.
-The contracts a method file relies on are stated in each docstring; docs/finetune.md#commonpy has the overview.
+Sections: config parsing | processes | schedules, decay | --out, checkpoints | the training run |
+data. The contracts a method file relies on are in each docstring; docs/finetune.md
+(section common.py) has the overview.
 """
 import argparse
 import atexit
 import dataclasses
 import datetime
 import errno
-from io import BytesIO
 import hashlib
 import inspect
 import itertools
@@ -21,6 +22,7 @@ import shutil
 import sys
 import time
 from contextlib import nullcontext
+from io import BytesIO
 
 import numpy as np
 import torch
@@ -28,11 +30,13 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, default_collate
 from torchvision import datasets, transforms
-try:   # torchvision's image decoders (deprecated in 0.29 for TorchCodec): without them, PIL decodes
+from torchvision.transforms import v2
+
+try:
+    # torchvision's image decoders (deprecated in 0.29 for TorchCodec): without them, PIL decodes
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 except ImportError:
     decode_image = decode_jpeg = None
-from torchvision.transforms import v2
 
 try:
     import fcntl   # POSIX file locks; on Windows --out is not locked
@@ -47,8 +51,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # --data NAME: torchvision's sets, downloaded once into the cache (named_dataset)
 DATASETS = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100, "stl10": datasets.STL10}
 # config fields that may change between a run and its resume: they do not change the run's math
-RESUME_FREE = ("workers", "log_every", "viz_every", "compile", "device", "decode", "stop_after", "out",
-               "preset", "allow_change", "paper_row", "paper_batch")
+RESUME_FREE = ("workers", "log_every", "viz_every", "compile", "device", "decode", "stop_after",
+               "out", "preset", "allow_change", "paper_row", "paper_batch")
 _held_locks = {}   # --out path -> its open run.lock, flock-ed until this process ends
 
 
@@ -58,8 +62,8 @@ def fail(msg):
 
 
 def fail_all(ok, msg):
-    """Collective stop: every rank calls this with its own `ok`; if any rank is not ok, rank 0 prints `msg` (one
-    line) and every rank exits with code 1. One all-reduce."""
+    """A collective stop: every rank calls this with its own `ok`; if any rank is not ok, rank 0
+    prints `msg` (one line) and every rank exits with code 1. One all-reduce."""
     if not all_finite(torch.tensor(bool(ok))):
         raise SystemExit(f"error: {msg}" if rank0() else 1)
 
@@ -97,13 +101,13 @@ def in_range(value, spec):
 
 
 def parse_config(cls, argv=None, defaults=None):
-    """Flat @dataclass -> command line; precedence: field < `defaults` < PRESETS[--preset] < command line.
+    """Flat @dataclass -> command line; precedence: field < `defaults` < PRESETS[--preset] < flags.
 
-    The class may declare CHOICES (field -> allowed values), PRESETS (name -> field values), ONLY_WITH
-    (field -> (other field, allowed values): a flag given on the command line while the other field has
-    another value would be ignored, so it is an error) and must declare RANGES (field -> '> 0', '[0, 1)', ...)
-    for every int and float field. Every check runs here, before any work; a bad value ends in one `error:`
-    line. The comment after a field is its --help text."""
+    The class may declare CHOICES (field -> allowed values), PRESETS (name -> field values) and
+    ONLY_WITH (field -> (other field, allowed values): a flag given on the command line while the
+    other field has another value would be ignored, so it is an error), and must declare RANGES
+    (field -> '> 0', '[0, 1)', ...) for every int and float field. Every check runs here, before any
+    work; a bad value ends in one `error:` line. The comment after a field is its --help text."""
     source = inspect.getsource(cls)
     comments = dict(re.findall(r"^\s+(\w+)\s*:.*?#\s*(.*)$", source, re.M))
     parser = _Parser(description=cls.__doc__,
@@ -117,7 +121,7 @@ def parse_config(cls, argv=None, defaults=None):
         else:
             kind = dict(type=type(f.default))
             if type(f.default) in (int, float) and f.name not in ranges:
-                raise TypeError(f"{cls.__name__}.{f.name}: numeric field without a RANGES entry")
+                raise TypeError(f"{cls.__name__}.{f.name}: a numeric field without a RANGES entry")
         name = f.name.rstrip("_")   # `from_` -> --from
         flags = sorted({"--" + name, "--" + name.replace("_", "-")})
         spec = f" [{ranges[f.name]}]" if f.name in ranges else ""
@@ -135,7 +139,8 @@ def parse_config(cls, argv=None, defaults=None):
     for name, (other, allowed) in getattr(cls, "ONLY_WITH", {}).items():
         if name in given and getattr(cfg, other) not in allowed:
             if allowed == (True,):
-                where, now = f"--{_flag(other)}", f"a run without --{_flag(other)}"
+                where = f"--{_flag(other)}"
+                now = f"a run without --{_flag(other)}"
             else:
                 where = f"--{_flag(other)} {' or '.join(map(str, allowed))}"
                 now = f"--{_flag(other)} {getattr(cfg, other)}"
@@ -144,8 +149,8 @@ def parse_config(cls, argv=None, defaults=None):
 
 
 def check_ranges(cfg):
-    """Every field named in the config's RANGES within its range: one error line otherwise. parse_config
-    calls it; each main() calls it again for a Config built in Python."""
+    """Every field named in the config's RANGES within its range, else one error line. parse_config
+    calls it; each validate() calls it again, for a Config built in Python."""
     for name, spec in getattr(cfg, "RANGES", {}).items():
         value = getattr(cfg, name)
         if not in_range(value, spec):
@@ -159,7 +164,8 @@ def _flag(name):
 
 
 def setup_dist(device="cuda"):
-    """-> (rank, world, torch.device). Plain `python`: one process. torchrun: NCCL per GPU, or gloo on CPU."""
+    """-> (rank, world, torch.device). Plain `python`: one process; torchrun: NCCL per GPU, or gloo
+    on the CPU."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         fail("--device cuda but no GPU is visible; pass --device cpu")
     if "RANK" not in os.environ:
@@ -209,7 +215,7 @@ def set_rng_state(s):
 
 
 def reduce_mean(t):
-    """Mean over ranks of a 0-d tensor or number -> float (a host sync: call it on log steps only)."""
+    """Mean over ranks of a 0-d tensor or a number -> float (a host sync: on log steps only)."""
     t = torch.as_tensor(t).detach().float().clone()
     if dist.is_initialized():
         t = t.cuda() if dist.get_backend() == "nccl" else t
@@ -227,33 +233,45 @@ def no_sync(model, last):
     """DDP all-reduces gradients on the last micro-batch of an optimizer step only."""
     return model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext()
 
-# ----------------------------------------------------------------------------- schedules, weight decay
+# ----------------------------------------------------------------------------- schedules, decay
 
 
 def accum_steps(cfg, world):
-    """Micro-batches per optimizer step: --global-batch G gives G / (batch x GPUs); else --accum-iter."""
+    """Micro-batches per optimizer step: G / (batch x GPUs) with --global-batch G, else
+    --accum-iter."""
     if cfg.global_batch and cfg.accum_iter != 1:
         fail(f"--global-batch {cfg.global_batch} and --accum-iter {cfg.accum_iter} both set the "
              "accumulation: pass one of them")
     if cfg.global_batch and cfg.global_batch % (cfg.batch_size * world):
-        fail(f"--global-batch {cfg.global_batch} is not a multiple of --batch-size {cfg.batch_size} x "
-             f"{world} processes")
+        fail(f"--global-batch {cfg.global_batch} is not a multiple of --batch-size "
+             f"{cfg.batch_size} x {world} processes")
     if cfg.global_batch:
         return cfg.global_batch // (cfg.batch_size * world)
     return cfg.accum_iter
 
 
+def epoch_steps(loader, accum, cap):
+    """Optimizer steps per epoch: the loader's micro-batches per process over accum, at most cap
+    (--steps-per-epoch; 0 = no cap)."""
+    steps = min(len(loader) // accum, cap or len(loader))
+    if steps < 1:
+        fail(f"one optimizer step takes {accum} micro-batches per process but the data gives "
+             f"{len(loader)}: lower --accum-iter / --global-batch or add images")
+    return steps
+
+
 def batch_warning(global_batch, paper_batch, steps_per_epoch):
     if paper_batch and not 0.5 <= global_batch / paper_batch <= 2:
         r = paper_batch / global_batch
-        print0(f"warning: global batch {global_batch} vs the recipe's {paper_batch}: {steps_per_epoch} "
-               f"steps/epoch, so per-step EMA and lr schedules act {r:.1f}x as often per image; "
-               f"--global-batch {paper_batch} matches")
+        print0(f"warning: global batch {global_batch} vs the recipe's {paper_batch}: "
+               f"{steps_per_epoch} steps/epoch, so per-step EMA and lr schedules act {r:.1f}x as "
+               f"often per image; --global-batch {paper_batch} matches")
 
 
-def cosine_schedule(base, final, total_steps, warmup_steps=0, warmup_start=0.0, warmup_endpoint=False):
-    """Per-step values: linear warmup_start -> base (endpoint included as BEiT's scheduler), then cosine
-    -> final."""
+def cosine_schedule(base, final, total_steps, warmup_steps=0, warmup_start=0.0,
+                    warmup_endpoint=False):
+    """Per-step values: linear warmup_start -> base (with warmup_endpoint, the last warmup step is
+    the peak, as BEiT's scheduler), then a cosine to final."""
     warmup = np.linspace(warmup_start, base, warmup_steps, endpoint=warmup_endpoint)
     n = max(total_steps - warmup_steps, 0)
     t = np.arange(n) / max(n, 1)
@@ -262,7 +280,8 @@ def cosine_schedule(base, final, total_steps, warmup_steps=0, warmup_start=0.0, 
 
 
 def no_decay(name, p):
-    """timm/BEiT: no weight decay on 1-D params (biases, norms, layer scale), positions, tokens, rel-pos
+    """timm's rule (its Beit.no_weight_decay): no weight decay on 1-D params (biases, norms, layer
+    scale), positions, tokens, relative-position tables. BEiT's own pre-training decays the
     tables."""
     names = ("pos_embed", "cls_token", "mask_token", "relative_position_bias_table")
     return p.ndim <= 1 or name.split(".")[-1] in names
@@ -278,8 +297,8 @@ def param_groups(model, weight_decay, skip_decay=no_decay):
 
 
 def lock_out(out, create):
-    """Rank 0: flock OUT/run.lock for the life of this process (a second live run into --out stops). With
-    create=False nothing is created: an --out without run.lock has no live run to wait for."""
+    """Rank 0: flock OUT/run.lock for the life of this process (a second live run into --out stops).
+    With create=False nothing is created: an --out without run.lock has no live run to wait for."""
     if not rank0() or os.path.realpath(out) in _held_locks:
         return
     if os.path.exists(out) and not os.path.isdir(out):
@@ -292,19 +311,22 @@ def lock_out(out, create):
         lock = open(path, "a")
     except OSError as e:
         fail(f"cannot write to --out {out} ({e.strerror}); pass a folder you can write to")
-    try:   # the kernel drops the lock when the process ends, however it ends: no stale lock
+    # the kernel drops the lock when the process ends, however it ends: no stale lock
+    try:
         if fcntl:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         fail(f"--out {out} is in use by another running process; pass another --out")
-    except OSError as e:   # a file system without flock (e.g. Lustre mounted without it): run unlocked
-        print0(f"warning: cannot lock --out {out} ({e.strerror}): make sure no other run writes there")
+    except OSError as e:
+        # a file system without flock (e.g. Lustre mounted without it): run unlocked
+        print0(f"warning: cannot lock --out {out} ({e.strerror}): make sure no other run writes "
+               "there")
     _held_locks[os.path.realpath(out)] = lock
 
 
 def write_record(out, cfg, script):
-    """Rank 0, once the run is accepted: OUT/config.json and copies of the script and of common.py, so that
-    OUT says exactly which code and settings made it."""
+    """Rank 0, once the run is accepted: OUT/config.json and copies of the script and of common.py,
+    so that OUT says exactly which code and settings made it."""
     if not rank0():
         return
     lock_out(out, create=True)
@@ -324,8 +346,8 @@ def prepare_out(out, cfg, script):
 
 
 def save_checkpoint(state, path):
-    """Atomic: write PATH.tmp, fsync, rename. On any error the temporary file is removed, the previous PATH
-    stays as it was, and the error (one line) is returned; None on success."""
+    """Atomic: write PATH.tmp, fsync, rename. On any error the temporary file is removed, the
+    previous PATH stays as it was, and the error (one line) is returned; None on success."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
@@ -342,16 +364,19 @@ def save_checkpoint(state, path):
 
 
 def load_checkpoint(path, what="checkpoint"):
-    """torch.load(weights_only) -> dict, or one error line for a missing, empty, truncated or foreign file."""
+    """torch.load(weights_only) -> dict, or one error line for a missing, empty, truncated or
+    foreign file."""
     if not os.path.isfile(path):
         fail(f"{what} {path} does not exist")
     if os.path.getsize(path) == 0:
         fail(f"{what} {path} is an empty file; pass a checkpoint written by this project")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:   # truncated zip, a text file, a pickle with code in it, ...
+    except Exception as e:
+        # a truncated zip, a text file, a pickle with code in it, ...
         reason = " ".join(str(e).split())[:160] or type(e).__name__
-        fail(f"cannot read {what} {path} ({reason}); pass a complete checkpoint written by this project")
+        fail(f"cannot read {what} {path} ({reason}); pass a complete checkpoint written by this "
+             "project")
     if not isinstance(ck, dict):
         fail(f"{what} {path} holds a {type(ck).__name__}, not a checkpoint of this project")
     return ck
@@ -372,7 +397,7 @@ def log_json(out, record, name="log.jsonl"):
 
 
 def trim_log(path, step):
-    """Drop the records of steps after `step` (a resume redoes them), so every step is logged once."""
+    """Drop the records of steps after `step` (a resume redoes them): every step is logged once."""
     if not os.path.isfile(path):
         return
     with open(path) as f:
@@ -385,67 +410,87 @@ def trim_log(path, step):
 
 
 def compare_settings(old, new, allowed):
-    """-> (refused, accepted): 'name: old -> new' for every differing key; RESUME_FREE keys never count."""
+    """-> (refused, accepted): 'name: old -> new' for every differing key; RESUME_FREE keys never
+    count."""
     keys = [k for k in new if k in old and k not in RESUME_FREE and old[k] != new[k]]
     diffs = {k: f"{k}: {old[k]} -> {new[k]}" for k in keys}
     free = set(keys) if "all" in allowed else set(allowed) & set(keys)
-    return [d for k, d in diffs.items() if k not in free], [d for k, d in diffs.items() if k in free]
+    refused = [d for k, d in diffs.items() if k not in free]
+    accepted = [d for k, d in diffs.items() if k in free]
+    return refused, accepted
 
 # ----------------------------------------------------------------------------- the training run
 
 
 class Run:
-    """What a training loop does besides the method: resume and its settings guard, the run record in --out,
-    epochs and optimizer steps (a mid-epoch resume, gradient accumulation, --stop-after), progress lines, the
-    divergence guard, and checkpoints that are never worse than the last good one. A method file's loop:
+    """What a training loop does besides the method: resume and its settings guard, the run record
+    in --out, epochs and optimizer steps (a mid-epoch resume, gradient accumulation, --stop-after),
+    progress lines, the divergence guard, and checkpoints never worse than the last good one.
+    A method file's loop:
 
-        for it, batches in run.steps():          # the optimizer steps still to run
+        for it, batches in run.steps():        # the optimizer steps still to run
             (set the lr of step it)
-            for last, batch in batches:          # `accum` micro-batches
-                with no_sync(model, last):       # DDP all-reduces on the last one
+            for last, batch in batches:        # `accum` micro-batches
+                with no_sync(model, last):     # DDP all-reduces on the last one
                     (forward, backward)
-                run.add(loss=loss, **logs)       # 0-d tensors or floats: means over the micro-batches
+                run.add(loss=loss, **logs)     # 0-d tensors or floats; the step logs their means
             (optimizer step, EMA)
-            if run.end_step(it, lr):             # progress line; True at an epoch end or --stop-after
-                run.save(state, check)           # checks every parameter and check() (a loss) first
+            if run.end_step(it, lr):           # progress line; True at an epoch end or a stop
+                run.save(state, check)         # checks every parameter and check() (a loss) first
 
-    `derived` holds values that define the run without being flags (global batch, steps per epoch, data size):
-    a resume compares them with the config. `prefix` names a second run in the same --out (a tokenizer)."""
+    `derived` holds what defines the run without being a flag (global batch, steps per epoch, data
+    size): a resume compares it too. `prefix` names a second run in the same --out (a tokenizer)."""
 
     def __init__(self, cfg, script, raw_model, opt, scaler, loader, steps_per_epoch, accum=1,
                  derived=None, epochs=None, prefix=""):
-        self.cfg, self.script, self.raw_model = cfg, script, raw_model
-        self.opt, self.scaler, self.loader = opt, scaler, loader
-        self.steps_per_epoch, self.accum = steps_per_epoch, accum
+        self.cfg = cfg
+        self.script = script
+        self.raw_model = raw_model
+        self.opt = opt
+        self.scaler = scaler
+        self.loader = loader
+        self.steps_per_epoch = steps_per_epoch
+        self.accum = accum
         self.epochs = cfg.epochs if epochs is None else epochs
         self.total = self.epochs * steps_per_epoch
         self.derived = {"script": os.path.basename(script), **(derived or {})}
         self.path = os.path.join(cfg.out, prefix + "checkpoint.pth")
-        self.log_name, self.steps_name = prefix + "log.jsonl", prefix + "steps.jsonl"
+        self.log_name = prefix + "log.jsonl"
+        self.steps_name = prefix + "steps.jsonl"
         global_batch = self.derived.get("global_batch", 0)
         self.progress = Progress(self.total, global_batch, cfg.log_every, cfg.out, self.steps_name)
-        self.start = self.saved = 0   # optimizer steps done at the start / in the last checkpoint
-        self.epoch, self.stopping, self.logs, self.vals = 0, False, {}, {}
-        self.first_bad = None   # device tensor: first step whose loss was not finite (-1: none yet)
-        self.meta = {}   # the resumed checkpoint's plain values (step, epoch, and what the script added)
+        # optimizer steps done at the start, and in the last checkpoint
+        self.start = 0
+        self.saved = 0
+        self.epoch = 0
+        self.stopping = False
+        self.logs = {}
+        self.vals = {}
+        # a device tensor: the first step whose loss was not finite (-1: none yet)
+        self.first_bad = None
+        # the resumed checkpoint's plain values (step, epoch, and what the script added)
+        self.meta = {}
 
     def resume(self):
-        """Lock --out; resume OUT/checkpoint.pth if there is one. Settings that differ from the checkpoint's
-        (every config field except RESUME_FREE, and `derived`) stop the run with one line naming each, unless
-        --allow-change names them. Only then is the run record written. -> optimizer steps already done."""
-        cfg, out = self.cfg, self.cfg.out
+        """Lock --out; resume OUT/checkpoint.pth if there is one. Settings that differ from the
+        checkpoint's (every config field but RESUME_FREE, and `derived`) stop the run with one line
+        naming each, unless --allow-change names them. Only then is the run record written.
+        -> optimizer steps already done."""
+        cfg = self.cfg
+        out = cfg.out
         lock_out(out, create=False)
         changes = []
         if os.path.isfile(self.path):
             ck = load_checkpoint(self.path)
             old = {**ck.get("config", {}), **ck.get("derived", {})}
             new = {**dataclasses.asdict(cfg), **self.derived}
-            allowed = [k.strip().replace("-", "_") for k in cfg.allow_change.split(",") if k.strip()]
-            refused, changes = compare_settings(old, new, allowed)
+            allowed = [k.strip().replace("-", "_") for k in cfg.allow_change.split(",")]
+            refused, changes = compare_settings(old, new, [k for k in allowed if k])
             if refused:
-                fail(f"--out {out} holds a run with other settings ({'; '.join(refused)}); pass the old "
-                     f"values to resume it, --allow-change {','.join(r.split(':')[0] for r in refused)} "
-                     "to resume with the new ones, or a new --out")
+                names = ",".join(r.split(":")[0] for r in refused)
+                fail(f"--out {out} holds a run with other settings ({'; '.join(refused)}); pass "
+                     f"the old values to resume it, --allow-change {names} to resume with the new "
+                     "ones, or a new --out")
             try:
                 self.raw_model.load_state_dict(ck["model"])
                 self.opt.load_state_dict(ck["optimizer"])
@@ -453,11 +498,13 @@ class Run:
             except (RuntimeError, ValueError, KeyError) as e:
                 reason = str(e).splitlines()[0][:100]
                 fail(f"--out {out} holds another model's checkpoint ({reason}); pass a new --out")
-            set_rng_state(ck["rng"])   # rank 0's streams
-            self.meta = {k: v for k, v in ck.items() if isinstance(v, (int, float, str))}
-            self.start = self.saved = ck["step"]
-            if not rank0():   # other ranks: fresh, distinct streams
+            # rank 0's streams; the other ranks get fresh, distinct ones
+            set_rng_state(ck["rng"])
+            if not rank0():
                 seed_all(cfg.seed + 1000 * ck["step"] + int(os.environ.get("RANK", 0)))
+            self.meta = {k: v for k, v in ck.items() if isinstance(v, (int, float, str))}
+            self.start = ck["step"]
+            self.saved = ck["step"]
         write_record(out, cfg, self.script)
         if rank0():
             for name in (self.log_name, self.steps_name):
@@ -470,15 +517,18 @@ class Run:
         return self.start
 
     def steps(self):
-        """Yield (it, batches) for every optimizer step still to run, it = global step index; `batches` yields
-        (last, micro-batch) `accum` times. The sampler resumes mid-epoch; --stop-after ends the loop."""
-        spe, accum = self.steps_per_epoch, self.accum
+        """Yield (it, batches) for every optimizer step still to run, it = the global step index;
+        `batches` yields (last, micro-batch) `accum` times. The sampler resumes mid-epoch;
+        --stop-after ends the loop."""
+        spe = self.steps_per_epoch
+        accum = self.accum
         for epoch in range(self.start // spe, self.epochs):
             self.epoch = epoch
             first = self.start % spe if epoch == self.start // spe else 0
             self.loader.sampler.set_epoch(epoch)
-            self.loader.sampler.start_step = first * accum   # the sampler counts micro-batches
-            micro = iter(itertools.islice(self.loader, (spe - first) * accum))   # no extra fetch
+            # the sampler counts micro-batches; islice fetches no extra batch
+            self.loader.sampler.start_step = first * accum
+            micro = iter(itertools.islice(self.loader, (spe - first) * accum))
             self.raw_model.train()
             for i in range(first, spe):
                 yield epoch * spe + i, ((j + 1 == accum, next(micro)) for j in range(accum))
@@ -486,20 +536,24 @@ class Run:
                     return
 
     def add(self, **logs):
-        """Values of one micro-batch (0-d tensors or floats); the step logs their mean."""
+        """The values of one micro-batch (0-d tensors or plain floats); a step logs their mean."""
         for k, v in logs.items():
             v = v.detach() if torch.is_tensor(v) else torch.tensor(float(v))
             self.logs[k] = self.logs.get(k, 0) + v.float() / self.accum
 
     def end_step(self, it, lr):
-        """After optimizer step `it`: progress line on log steps, where a non-finite loss on any rank also stops
-        the run (before any save). -> True when a checkpoint is due (epoch end or --stop-after)."""
-        logs, self.logs = self.logs, {}
+        """After optimizer step `it`: the progress line on log steps, where a NaN/inf loss on any
+        rank also stops the run (before any save). -> True when a checkpoint is due (an epoch end
+        or --stop-after)."""
+        logs = self.logs
+        self.logs = {}
         loss = torch.as_tensor(logs["loss"])
         if self.first_bad is None:
             self.first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+        # device work only: no host sync on steps that do not log
         new_bad = (self.first_bad < 0) & ~torch.isfinite(loss)
-        self.first_bad = torch.where(new_bad, torch.full_like(self.first_bad, it + 1), self.first_bad)
+        self.first_bad = torch.where(new_bad, torch.full_like(self.first_bad, it + 1),
+                                     self.first_bad)
         vals = self.progress.step(it, self.epoch, logs, lr)
         if vals is not None:
             self.vals = vals
@@ -510,14 +564,15 @@ class Run:
         return (it + 1) % self.steps_per_epoch == 0 or self.stopping
 
     def stop_diverged(self, step):
-        """Every rank (the first bad step is a collective): one line from rank 0, exit code 1 everywhere."""
+        """Every rank (the first bad step is a collective): one line from rank 0, exit code 1."""
         first = self.first_bad_step()
         if first:
             what = f"the loss was first NaN/inf at step {first}"
         else:
             what = f"the weights after step {step} are NaN/inf or give a NaN/inf loss"
         if self.saved:
-            kept = f"{self.path} from step {self.saved} is kept: resume it with a lower lr or with clipping"
+            kept = (f"{self.path} from step {self.saved} is kept: resume it with a lower lr or "
+                    "with clipping")
         else:
             kept = "no checkpoint was saved yet: start again with a lower lr or with clipping"
         raise SystemExit(f"error: training diverged: {what}; stopped, {kept}" if rank0() else 1)
@@ -525,22 +580,24 @@ class Run:
     def first_bad_step(self):
         if self.first_bad is None:
             return 0
-        t = torch.where(self.first_bad < 0, torch.full_like(self.first_bad, 2**62), self.first_bad)
+        never = torch.full_like(self.first_bad, 2**62)
+        t = torch.where(self.first_bad < 0, never, self.first_bad)
         if dist.is_initialized():
             t = t.cuda() if dist.get_backend() == "nccl" else t
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t) if int(t) < 2**62 else 0
 
     def save(self, state, check, files=None, **record):
-        """Every rank: the loss of every step since the last check, every parameter and buffer, and check() -
-        the loss of the weights about to be saved on the last batch - must be finite (one all-reduce), else the
-        run stops with the step where it diverged and the checkpoint kept: weights that one step at a huge lr
-        blew up to finite but useless values fail check(). Rank 0 then writes OUT/checkpoint.pth (state + step,
-        epoch, RNG, config) and `files` ({name: state}) atomically; a failed write keeps the previous files and
-        stops every rank. Then one log.jsonl record (the last logged values and `record`)."""
+        """Every rank: the loss of every step since the last check, every parameter and buffer, and
+        check() - the loss of the weights about to be saved, on the last batch - must be finite (one
+        all-reduce), else the run stops with the step where it diverged and the checkpoint kept
+        (weights that one step at a huge lr blew up to finite but useless values fail check()).
+        Rank 0 then writes OUT/checkpoint.pth (state + step, epoch, RNG, config) and `files`
+        ({name: state}) atomically; a failed write keeps the previous files and stops every rank.
+        Then one log.jsonl record: the last logged values and `record`."""
         step = self.progress.done
-        tensors = [t for t in itertools.chain(self.raw_model.parameters(), self.raw_model.buffers())
-                   if t.is_floating_point()]
+        tensors = itertools.chain(self.raw_model.parameters(), self.raw_model.buffers())
+        tensors = [t for t in tensors if t.is_floating_point()]
         ok = torch.stack([t.isfinite().all() for t in tensors]).all() & (self.first_bad < 0)
         ok = ok & torch.isfinite(self.loss_now(check)).to(ok.device)
         if not all_finite(ok):
@@ -553,16 +610,18 @@ class Run:
                 error = error or save_checkpoint(s, os.path.join(self.cfg.out, name))
         fail_all(error is None, error)
         self.saved = step
-        log_json(self.cfg.out, {"epoch": self.epoch, "step": step, **self.vals, **record}, self.log_name)
+        record = {"epoch": self.epoch, "step": step, **self.vals, **record}
+        log_json(self.cfg.out, record, self.log_name)
         n = skipped_images(self.loader.dataset)
         if n:
             print0(f"{n} unreadable images skipped so far (named above)")
         if self.stopping:
-            print0(f"stopping after {self.cfg.stop_after} steps; run the same command again to resume")
+            print0(f"stopping after {self.cfg.stop_after} steps; run the same command again to "
+                   "resume")
 
     def loss_now(self, check):
-        """check() without gradients, then the RNG streams and buffers (BatchNorm statistics) as they were:
-        the run trains exactly as it would without the check."""
+        """check() without gradients, then the RNG streams and buffers (BatchNorm statistics) as
+        they were: the run trains exactly as it would without the check."""
         buffers = [b.clone() for b in self.raw_model.buffers()]
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
@@ -573,29 +632,36 @@ class Run:
 
 
 class Progress:
-    """Prints `ep e step s/n | loss .. | lr | img/s | eta` every `every` steps, and with `out` appends the
-    same values to OUT/steps.jsonl (pretext metrics against steps). Only log steps read device values."""
+    """Prints `ep e step s/n | loss .. | lr | img/s | eta` every `every` steps, and with `out`
+    appends the same values to OUT/steps.jsonl (pretext metrics against steps). Only log steps read
+    device values."""
 
     def __init__(self, total_steps, global_batch, every=50, out=None, name="steps.jsonl"):
-        self.total, self.batch, self.every = total_steps, global_batch, every
-        self.out, self.name = out, name
-        self.last, self.t0, self.done = None, time.time(), 0
+        self.total = total_steps
+        self.batch = global_batch
+        self.every = every
+        self.out = out
+        self.name = name
+        self.last = None
+        self.t0 = time.time()
+        self.done = 0
 
     def step(self, it, epoch, logs, lr):
-        """it: global step just done; logs: 0-d tensors or floats (averaged over ranks here) -> dict of
-        floats on log steps, else None."""
+        """it: the global step just done; logs: 0-d tensors or floats (averaged over ranks here)
+        -> a dict of floats on log steps, else None."""
         self.done = it + 1
-        self.last = self.last or (it, self.t0)   # first call, maybe after a resume
+        # the first call, maybe after a resume
+        self.last = self.last or (it, self.t0)
         if (it + 1) % self.every and it + 1 != self.total:
             return None
         vals = {k: reduce_mean(v) for k, v in logs.items()}
         seconds = max(time.time() - self.last[1], 1e-9)
-        rate = (it + 1 - self.last[0]) * self.batch / seconds   # img/s since the last log
+        rate = (it + 1 - self.last[0]) * self.batch / seconds             # img/s since the last log
         self.last = (it + 1, time.time())
         eta = datetime.timedelta(seconds=int((self.total - it - 1) * self.batch / max(rate, 1e-9)))
         metrics = " ".join(f"{k} {v:.4f}" for k, v in vals.items())
-        print0(f"ep {epoch} step {it + 1}/{self.total} | {metrics} | lr {lr:.2e} | {rate:.1f} img/s | "
-               f"eta {eta}")
+        print0(f"ep {epoch} step {it + 1}/{self.total} | {metrics} | lr {lr:.2e} | "
+               f"{rate:.1f} img/s | eta {eta}")
         if self.out:
             record = {"step": it + 1, "epoch": epoch, **vals, "lr": lr, "img_s": rate}
             log_json(self.out, record, self.name)
@@ -605,7 +671,8 @@ class Progress:
 
 
 def load_image(path):
-    """Any PIL-readable image as RGB: grayscale, CMYK, palette, alpha and 16-bit (rescaled, not clipped)."""
+    """Any PIL-readable image as RGB: grayscale, CMYK, palette, alpha and 16-bit (rescaled, not
+    clipped)."""
     with Image.open(path) as img:
         if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             a = np.asarray(img, dtype=np.float32)
@@ -617,14 +684,17 @@ def load_image(path):
 
 
 def read_image(path):
-    """An image file -> uint8 (3, H, W) tensor: torchvision's decoders (libjpeg-turbo, libpng) for JPEG and PNG,
-    load_image (PIL) for every other format and mode (16-bit, TIFF, ...). Same pixels as load_image (tested)."""
-    try:
-        img = decode_image(read_file(path), mode=ImageReadMode.RGB)
-        if img.dtype == torch.uint8:
-            return img
-    except (RuntimeError, TypeError):   # not a format torchvision decodes, broken, or no decoders: PIL decides
-        pass
+    """An image file -> uint8 (3, H, W) tensor: torchvision's decoders (libjpeg-turbo, libpng) for
+    JPEG and PNG, load_image (PIL) for every other format and mode (16-bit, TIFF, ...); the same
+    pixels as load_image (tested)."""
+    if decode_image is not None:
+        try:
+            img = decode_image(read_file(path), mode=ImageReadMode.RGB)
+            if img.dtype == torch.uint8:
+                return img
+        except RuntimeError:
+            # not a format torchvision decodes, or a broken file: PIL decides
+            pass
     return v2.functional.pil_to_tensor(load_image(path))
 
 
@@ -633,36 +703,45 @@ def read_bytes(path):
         return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
 
 
-READERS = {"pil": load_image, "tensor": read_image, "bytes": read_bytes}   # ImageFolder(decode=...)
+# ImageFolder(decode=...): what a file becomes before the transform
+READERS = {"pil": load_image, "tensor": read_image, "bytes": read_bytes}
 
 
 def decode_mode(decode):
-    """--decode cpu | device -> the READERS key the method files' folders use."""
+    """--decode cpu | device -> the READERS key of the method files' folders."""
     if decode == "device" and decode_jpeg is None:
-        fail("--decode device needs torchvision.io.decode_jpeg, which this torchvision lacks; pass --decode cpu")
+        fail("--decode device needs torchvision.io.decode_jpeg, which this torchvision lacks; "
+             "pass --decode cpu")
     return "bytes" if decode == "device" else "tensor"
 
 
 class Encoded:
-    """A JPEG file's bytes and the crop CropFlip drew for it, decoded and cropped on the training device."""
+    """A JPEG file's bytes and the crop CropFlip drew for it, to decode and crop on the device."""
 
     def __init__(self, data, box, flip, size):
-        self.data, self.box, self.flip, self.size = data, box, flip, size
+        self.data = data
+        self.box = box
+        self.flip = flip
+        self.size = size
+        self.path = ""
 
 
 class CropFlip:
-    """RandomResizedCrop (bicubic, antialiased) and a horizontal flip with probability 0.5, on uint8 tensors:
-    torchvision's draw of the crop box, one resized_crop call. Takes a PIL image, a uint8 (3, H, W) tensor, or
-    a file's bytes (--decode device): then it only draws the box from the JPEG header, and images_to() decodes
-    and crops on the device with the same function. -> uint8 (3, size, size), or an Encoded."""
+    """RandomResizedCrop (bicubic, antialiased) and a horizontal flip with probability 0.5, on uint8
+    tensors: torchvision's draw of the crop box, one resized_crop call. Takes a PIL image, a uint8
+    (3, H, W) tensor, or a file's bytes (--decode device): then it only draws the box from the JPEG
+    header, and images_to() decodes and crops on the device with the same function.
+    -> uint8 (3, size, size), or an Encoded."""
 
     def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-        self.size, self.scale, self.ratio = size, scale, ratio
+        self.size = size
+        self.scale = scale
+        self.ratio = ratio
 
     def draw(self, height, width):
         # get_params reads only the shape: a meta tensor stands in for the image
-        box = transforms.RandomResizedCrop.get_params(torch.empty(1, height, width, device="meta"),
-                                                      self.scale, self.ratio)
+        shape = torch.empty(1, height, width, device="meta")
+        box = transforms.RandomResizedCrop.get_params(shape, self.scale, self.ratio)
         return box, bool(torch.rand(()) < 0.5)
 
     def apply(self, img, box, flip):
@@ -674,29 +753,32 @@ class CropFlip:
     def __call__(self, img):
         if isinstance(img, Image.Image):
             img = v2.functional.pil_to_tensor(img.convert("RGB"))
-        if img.ndim == 1 and img[:2].tolist() == [0xFF, 0xD8]:   # JPEG bytes: decode on the device
+        if img.ndim == 1 and img[:2].tolist() == [0xFF, 0xD8]:
+            # JPEG bytes, to decode on the device: draw the crop from the header alone
             if img[-2:].tolist() != [0xFF, 0xD9]:
                 raise ValueError("truncated JPEG (no end-of-image marker)")
-            with Image.open(BytesIO(img.numpy().tobytes())) as header:   # reads the header only
+            with Image.open(BytesIO(img.numpy().tobytes())) as header:
                 width, height = header.size
             return Encoded(img, *self.draw(height, width), self.size)
-        if img.ndim == 1:   # the bytes of another format: decode here
+        if img.ndim == 1:
+            # the bytes of another format: decode here
             img = decode_image(img, mode=ImageReadMode.RGB)
         return self.apply(img, *self.draw(*img.shape[-2:]))
 
 
 def images_to(images, device):
-    """A batch from the loader -> uint8 (B, 3, S, S) on `device`. A tensor moves (non-blocking). With --decode
-    device the batch is a list: its JPEGs are decoded there in one torchvision.io.decode_jpeg call (nvjpeg on
-    CUDA) and cropped by CropFlip.apply with the box drawn in the loader worker; a JPEG that fails to decode is
-    named on stderr and replaced by another image of the batch."""
+    """A batch from the loader -> uint8 (B, 3, S, S) on `device`. A tensor moves (non-blocking).
+    With --decode device the batch is a list: its JPEGs are decoded there in one decode_jpeg call
+    (nvjpeg on CUDA) and cropped by CropFlip.apply with the box drawn in the loader worker; a JPEG
+    that fails to decode is named on stderr and replaced by another image of the batch."""
     if torch.is_tensor(images):
         return images.to(device, non_blocking=True)
     jpegs = [x for x in images if isinstance(x, Encoded)]
     try:
         decoded = decode_jpeg([x.data for x in jpegs], mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:   # find the broken ones
-        decoded = [decode_or_none(x.data, device) for x in jpegs]
+    except RuntimeError:
+        # decode one by one to find the broken ones
+        decoded = [decode_or_none(x, device) for x in jpegs]
     decoded = iter(decoded)
     out = []
     for x in images:
@@ -710,33 +792,38 @@ def images_to(images, device):
     return torch.stack([x if x is not None else good[0] for x in out])
 
 
-def decode_or_none(data, device):
+def decode_or_none(encoded, device):
     try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        return decode_jpeg(encoded.data, mode=ImageReadMode.RGB, device=device)
     except RuntimeError as e:
-        warn_unreadable("(a JPEG decoded on the device)", e)
+        warn_unreadable(encoded.path or "(a JPEG decoded on the device)", e)
         return None
 
 
 def warn_unreadable(path, e):
-    print(f"warning: skipping unreadable image {path}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    print(f"warning: skipping unreadable image {path}: {type(e).__name__}: {e}", file=sys.stderr,
+          flush=True)
 
 
 class ImageFolder(datasets.ImageFolder):
-    """torchvision's class folders read with load_image; hidden folders and files (names starting with '.')
-    are not data. An unreadable file is named on stderr and counted in `skipped` (shared by loader workers);
-    training (substitute=True) takes the next readable image in its place, so batches keep their size;
-    evaluation (substitute=False) drops it: __getitem__ returns None and collate() leaves it out."""
+    """torchvision's class folders; hidden folders and files (names starting with '.') are not
+    data. An unreadable file is named on stderr and counted in `skipped` (shared by the loader
+    workers): training (substitute=True) takes the next readable image in its place, so batches
+    keep their size; evaluation (substitute=False) drops it (__getitem__ returns None, collate()
+    leaves it out). `decode`: what a file becomes before the transform (READERS)."""
 
-    PROBE = 16   # files decoded at start: if none is readable, the folder is one error line
+    # files decoded at the start: if none is readable, the folder is one error line
+    PROBE = 16
 
     def __init__(self, root, transform, substitute=True, decode="pil"):
         self.substitute = substitute
-        try:   # torchvision's errors: no such directory, no class folder, a class folder without images
+        # torchvision's errors: no such directory, no class folder, a class folder without images
+        try:
             super().__init__(root, transform, loader=READERS[decode], is_valid_file=self.valid_file)
         except FileNotFoundError as e:
             fail(f"data directory {root}: {e}")
-        self.skipped = torch.zeros(1, dtype=torch.int64).share_memory_()   # loader workers add to it
+        # the loader workers add to it
+        self.skipped = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.probe(root)
 
     @staticmethod
@@ -745,7 +832,8 @@ class ImageFolder(datasets.ImageFolder):
         return not name.startswith(".") and name.lower().endswith(datasets.folder.IMG_EXTENSIONS)
 
     def find_classes(self, directory):
-        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        entries = os.scandir(directory)
+        classes = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
         if not classes:
             raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
         return classes, {c: i for i, c in enumerate(classes)}
@@ -767,20 +855,26 @@ class ImageFolder(datasets.ImageFolder):
         for k in range(tries):
             path = self.samples[(idx + k) % len(self.samples)][0]
             try:
-                return super().__getitem__((idx + k) % len(self.samples))
-            except Exception as e:   # truncated, corrupt, not an image: never crash mid-epoch
+                item = super().__getitem__((idx + k) % len(self.samples))
+            except Exception as e:
+                # truncated, corrupt, not an image: never crash mid-epoch
                 self.skipped += 1
                 warn_unreadable(path, e)
+                continue
+            if isinstance(item[0], Encoded):
+                item[0].path = path
+            return item
         if self.substitute:
             raise RuntimeError(f"{tries} unreadable images in a row in {self.root}")
         return None
 
 
 class Indexed(torch.utils.data.Dataset):
-    """(x, y) -> (x, y, index): evaluation keeps track of which sample each row is (None stays None)."""
+    """(x, y) -> (x, y, index): evaluation tracks which sample each row is (None stays None)."""
 
     def __init__(self, dataset):
-        self.dataset, self.classes = dataset, dataset.classes
+        self.dataset = dataset
+        self.classes = dataset.classes
 
     def __len__(self):
         return len(self.dataset)
@@ -791,8 +885,8 @@ class Indexed(torch.utils.data.Dataset):
 
 
 def collate(batch):
-    """default_collate without the samples a dataset dropped (None); images still to decode on the device
-    (--decode device) stay a list."""
+    """default_collate without the samples a dataset dropped (None); images still to decode on the
+    device (--decode device) stay a list."""
     batch = [b for b in batch if b is not None]
     if not batch:
         return None
@@ -802,17 +896,19 @@ def collate(batch):
 
 
 def skipped_images(dataset):
-    """Unreadable images met so far, summed over loader workers (shared counter) and ranks; 0 for a
-    named set."""
-    while hasattr(dataset, "dataset"):   # Subset, Indexed: look inside
+    """Unreadable images met so far, summed over loader workers (a shared counter) and ranks; 0 for
+    a named set (arrays in memory are never unreadable)."""
+    while hasattr(dataset, "dataset"):
+        # Subset, Indexed: look inside
         dataset = dataset.dataset
-    skipped = getattr(dataset, "skipped", torch.zeros(1))   # arrays in memory are never unreadable
+    skipped = getattr(dataset, "skipped", torch.zeros(1))
     world = dist.get_world_size() if dist.is_initialized() else 1
     return round(reduce_mean(skipped[0]) * world)
 
 
 class SyntheticImages(datasets.FakeData):
-    """Deterministic random images (smoke tests, speed runs): sample i is always the same blobs + noise."""
+    """Deterministic random images (smoke tests, speed runs): sample i is always the same picture,
+    blobs + noise."""
 
     def __init__(self, n, img_size, transform, num_classes=10):
         super().__init__(n, (3, img_size, img_size), num_classes, transform)
@@ -820,7 +916,8 @@ class SyntheticImages(datasets.FakeData):
         self.skipped = torch.zeros(1, dtype=torch.int64)
 
     def __getitem__(self, idx):
-        g, s = torch.Generator().manual_seed(idx), self.image_size[-1]
+        g = torch.Generator().manual_seed(idx)
+        s = self.image_size[-1]
         low = torch.rand(1, 3, 4, 4, generator=g)
         low = torch.nn.functional.interpolate(low, size=(s, s), mode="bilinear")[0]
         img = (0.8 * low + 0.2 * torch.rand(3, s, s, generator=g)).permute(1, 2, 0).numpy()
@@ -833,32 +930,41 @@ def dataset_cache():
 
 
 def named_dataset(name, split, transform):
-    """torchvision's CIFAR-10/100 (train, val = test) or STL-10 (pretrain = its 100k unlabeled images,
-    train, val = test): PIL RGB images, int labels. Rank 0 downloads what is missing into the cache first,
-    then the others load."""
-    root, cls, ds, err = dataset_cache(), DATASETS[name], None, ""
-    stl = {"pretrain": "unlabeled", "val": "test"}.get(split, split)   # STL-10 pre-trains on unlabeled
+    """torchvision's CIFAR-10/100 (train, val = test) or STL-10 (pretrain = its 100k unlabeled
+    images, train, val = test): PIL RGB images, int labels. Rank 0 downloads what is missing into
+    the cache first, then the others load."""
+    root = dataset_cache()
+    cls = DATASETS[name]
+    ds = None
+    err = ""
+    # STL-10 pre-trains on its unlabeled images
+    stl = {"pretrain": "unlabeled", "val": "test"}.get(split, split)
     which = {"split": stl} if name == "stl10" else {"train": split != "val"}
     if rank0():
-        try:   # torchvision checks every file's md5 sum, and downloads only a missing or wrong one
+        # torchvision checks every file's md5 sum, and downloads only a missing or wrong one
+        try:
             ds = cls(root, **which, transform=transform, download=True)
-        except (RuntimeError, OSError) as e:   # no network (URLError), a partial archive, a bad md5 sum
+        except (RuntimeError, OSError) as e:
+            # no network (URLError), a partial archive, a bad md5 sum
             err = (f"--data {name}: cannot download or verify {cls.base_folder} in {root} "
-                   f"({' '.join(str(e).split())}); delete it and {cls.filename} there to download again, "
-                   f"or save {cls.url} there by hand")
-    fail_all(not err, err)   # the other ranks wait here for rank 0
+                   f"({' '.join(str(e).split())}); delete it and {cls.filename} there to download "
+                   f"again, or save {cls.url} there by hand")
+    # the other ranks wait here for rank 0
+    fail_all(not err, err)
     try:
         return ds if ds is not None else cls(root, **which, transform=transform)
-    except RuntimeError:   # torchvision's "not found or corrupted": rank 0 filled another machine's cache
-        fail(f"--data {name}: rank {os.environ.get('RANK', 0)} finds no verified copy in {root}; set "
-             "MIMREF_DATASETS to a folder every node shares (rank 0 downloads), or copy rank 0's there")
+    except RuntimeError:
+        # torchvision's "not found or corrupted": rank 0 filled another machine's cache
+        fail(f"--data {name}: rank {os.environ.get('RANK', 0)} finds no verified copy in {root}; "
+             "set MIMREF_DATASETS to a folder every node shares (rank 0 downloads), or copy rank "
+             "0's there")
 
 
 def build_dataset(data, split, transform, img_size=224, synthetic_size=512, decode="pil"):
-    """split pretrain | train | val of `synthetic`, a DATASETS name, ROOT with ROOT/train and ROOT/val (or
-    validate), or a flat class-folder ROOT (-> None for val). pretrain = train, except STL-10's unlabeled
-    images. Folders: training substitutes unreadable images, val drops them (ImageFolder); `decode`: what
-    the transform gets from a file (READERS: a PIL image, a uint8 tensor, or the file's bytes)."""
+    """Split pretrain | train | val of `synthetic`, a DATASETS name, ROOT with ROOT/train and
+    ROOT/val (or validate), or a flat class-folder ROOT (-> None for val). pretrain = train, but
+    STL-10's unlabeled images. Folders: training substitutes unreadable images, val drops them;
+    `decode`: what the transform gets from a file (READERS)."""
     if data == "synthetic":
         n = synthetic_size if split != "val" else synthetic_size // 4
         return SyntheticImages(n, img_size, transform)
@@ -870,11 +976,14 @@ def build_dataset(data, split, transform, img_size=224, synthetic_size=512, deco
         if os.path.isdir(os.path.join(data, name)):
             return ImageFolder(os.path.join(data, name), transform, split != "val", decode)
     has_split_dirs = any(os.path.isdir(os.path.join(data, n)) for n in ("train", "val", "validate"))
-    return None if split == "val" or has_split_dirs else ImageFolder(data, transform, decode=decode)
+    if split == "val" or has_split_dirs:
+        return None
+    return ImageFolder(data, transform, decode=decode)
 
 
 class ResumableSampler(DistributedSampler):
-    """DistributedSampler that skips the first `start_step` batches of `batch_size` (a mid-epoch resume)."""
+    """DistributedSampler that skips the first `start_step` batches of `batch_size` (a mid-epoch
+    resume)."""
     batch_size = start_step = 0
 
     def __iter__(self):
@@ -882,13 +991,15 @@ class ResumableSampler(DistributedSampler):
 
 
 def build_loader(dataset, batch_size, world, rank, seed, workers, device, shuffle=True):
-    """Rank shard of the dataset; shuffle: seeded per epoch (sampler.set_epoch), whole batches, resumable.
-    Samples a dataset drops (None) are left out of their batch (collate)."""
+    """This rank's shard of the dataset; shuffled: seeded per epoch (sampler.set_epoch), whole
+    batches, resumable. Samples a dataset drops (None) are left out of their batch (collate)."""
     if len(dataset) < batch_size * world and shuffle:
-        fail(f"dataset has {len(dataset)} images, fewer than one global batch ({batch_size} x {world} "
-             "GPUs)")
+        fail(f"dataset has {len(dataset)} images, fewer than one global batch ({batch_size} x "
+             f"{world} GPUs)")
     sampler = ResumableSampler(dataset, world, rank, shuffle=shuffle, seed=seed, drop_last=shuffle)
     sampler.batch_size = batch_size
-    return DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
-                      pin_memory=device.type == "cuda", drop_last=shuffle, persistent_workers=workers > 0,
-                      generator=torch.Generator().manual_seed(seed + rank))   # global RNG untouched
+    # its own generator: the global RNG stays untouched
+    generator = torch.Generator().manual_seed(seed + rank)
+    return DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers,
+                      collate_fn=collate, pin_memory=device.type == "cuda", drop_last=shuffle,
+                      persistent_workers=workers > 0, generator=generator)

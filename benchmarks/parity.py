@@ -246,7 +246,7 @@ def conmim_parity(path, args, rep):
     rep.line("forward: teacher features", max_diff(k, k_off), args.tol)
 
     # loss and gradients: our forward vs one step of the official train_one_epoch (its loss code as released)
-    loss, _ = ours.loss_on_views(weak, strong, mask)
+    loss, _ = ours.loss_on_views(weak, strong, mask, cfg.tau)
     loss.backward()
     scaler, m = _CaptureScaler(), 0.9
     opt = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.0)
@@ -270,15 +270,15 @@ def conmim_parity(path, args, rep):
     c, spe = conmim.Config(), args.sched_steps
     with cpu_run():
         lr_off = utils.cosine_scheduler(c.lr, c.min_lr, c.epochs, spe, warmup_epochs=c.warmup_epochs)
-        ema_off = utils.cosine_scheduler(c.ema, 1, c.epochs, spe)
+        ema_off = utils.cosine_scheduler(c.ema_momentum, 1, c.epochs, spe)
     lr_ours, ema_ours = conmim_schedules(c, spe)
     sched_lines(rep, args, lr_ours, lr_off, ema_ours, ema_off,
-                f"lr {c.lr:g} -> {c.min_lr:g}, warmup {c.warmup_epochs} ep, EMA {c.ema} -> 1", c.warmup_epochs * spe)
+                f"lr {c.lr:g} -> {c.min_lr:g}, warmup {c.warmup_epochs} ep, EMA {c.ema_momentum} -> 1", c.warmup_epochs * spe)
 
 
 def conmim_features(ours, weak, strong, mask):
     """OUR FORWARD, ConMIM (adapt here if conmim.py changes): projected patch features q (student, masked weak view)
-    and k (teacher, full strong view), each (B, N, d); the loss is `ours.loss_on_views(weak, strong, mask)[0]`."""
+    and k (teacher, full strong view), each (B, N, d); the loss is `ours.loss_on_views(weak, strong, mask, tau)[0]`."""
     return ours.features(weak, strong, mask)
 
 
@@ -286,7 +286,7 @@ def conmim_schedules(c, spe):
     """OUR SCHEDULES, ConMIM: the calls conmim.py's main makes (adapt here if it changes)."""
     total = c.epochs * spe
     return (cosine_schedule(c.lr, c.min_lr, total, c.warmup_epochs * spe, warmup_endpoint=True),
-            cosine_schedule(c.ema, 1.0, total))
+            cosine_schedule(c.ema_momentum, 1.0, total))
 
 
 def sched_lines(rep, args, lr_ours, lr_off, ema_ours, ema_off, what, warmup):

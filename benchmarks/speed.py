@@ -91,14 +91,14 @@ def method_setup(name, cfg, device):
     if name == "conmim":
         raw = m.ConMIM(cfg).to(device)
         tf = m.input_transform(cfg)
-        fwd = lambda b: raw(b, m.sample_mask(cfg, b.shape[0], device))[0]
+        fwd = lambda b: raw(b, m.sample_mask(cfg, b.shape[0], device), cfg.tau)[0]
     elif name == "cim_correlate":
         raw, tf = m.CorrelationalIM(cfg).to(device), m.input_transform(cfg)
         fwd = lambda b: raw(b)[0]
     else:
         raw = m.CIM(cfg, m.load_tokenizer(cfg).to(device)).to(device)
         tf = m.input_transform(cfg)
-        fwd = lambda b: raw(b)[0]
+        fwd = lambda b: raw(b, cfg.lam, cfg.sample_temperature)[0]
     if cfg.arch == "resnet50":
         raw = raw.to(memory_format=torch.channels_last)
     after = (lambda: raw.ema_update(0.999)) if hasattr(raw, "ema_update") else (lambda: None)
@@ -229,7 +229,7 @@ def main():
 
 
 # ----------------------------------------------------------------------------- --loader: input pipelines on JPEGs
-# Device step rates (img/s) each pipeline has to feed: benchmarks/README.md#speed, one H200, bf16, eager, ViT-B/16,
+# Device step rates (img/s) each pipeline has to feed: benchmarks/README.md#how-fast-is-it, one H200, bf16, eager, ViT-B/16,
 # per-GPU batch 64, measured 2026-11-27. The fine-tuning rows feed a classifier step (timm ViT-B/16's rate).
 STEP_RATES = {"conmim": 798.6, "cim_correlate": 1400.9, "cim_corrupt": 467.6, "classifier": 2390.5}
 
@@ -310,7 +310,7 @@ def loader_main(args):
         for row, (ds, _, _) in rows.items():
             rate[row] = max(rate[row], per_core(ds, args.seconds / args.rounds))
     print(f"input pipelines on {data} ({len(rows['conmim'][0])} JPEGs), 1 thread per process, best of "
-          f"{args.rounds} rounds; GPU img/s: the H200 step rates of benchmarks/README.md#speed")
+          f"{args.rounds} rounds; GPU img/s: the H200 step rates of benchmarks/README.md#how-fast-is-it")
     print(f"{'row':<38} {'img/s/core':>10} {'ms/img':>7} {'x ref':>6} {'img/s, ' + str(args.workers) + ' workers':>17} "
           f"{'GPU img/s':>9} {'cores/GPU':>9}  CPU work")
     ref = rate["reference: RandomResizedCrop + flip"]

@@ -16,7 +16,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cim_correlate  # noqa: E402
 from cim_correlate import (Config, CorrelationalIM, augment_exemplars, correlation_loss, crop_exemplars,  # noqa: E402
-                           checkpoint, main, optimizer_step, release_no_decay, sample_boxes, sample_pairs, target_maps,
+                           checkpoint, main, optimizer_step, official_no_decay, sample_boxes, sample_pairs, target_maps,
                            validate)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ def smooth_images(B, size, seed=0):
 
 
 def pil_reference(img, angle, center, half, ctx, ex, up=4):
-    """The release's steps for one exemplar, with PIL: rotate the image counter-clockwise (expand=True), crop the
+    """The official steps for one exemplar, with PIL: rotate the image counter-clockwise (expand=True), crop the
     axis-aligned box there and resize it; rotate a label map the same way, mark the box, rotate it back, crop to the
     image, resize to the context; target = marked pixels. Label maps at `up` x resolution (less nearest-rounding)."""
     W, t = img.width, math.radians(angle)
@@ -54,7 +54,7 @@ def pil_reference(img, angle, center, half, ctx, ex, up=4):
 
 
 def test_batched_geometry_matches_pil_reference():
-    cfg, B = Config(), 3                                                      # released sizes: 224 / 160 / 64, 6 each
+    cfg, B = Config(), 3                                                      # official sizes: 224 / 160 / 64, 6 each
     images = smooth_images(B, cfg.img_size)
     angle, center, half = sample_boxes(B, cfg.num_exemplars, cfg, "cpu", torch.Generator().manual_seed(1))
     exemplars = crop_exemplars(images.float() / 255, angle, center, half, cfg.exemplar_size)
@@ -91,10 +91,10 @@ def test_box_ranges():
     assert aug.shape == (8, 3, 16, 16) and 0 <= aug.min() and aug.max() <= 1
 
 
-def release_box(size, cfg, g):
-    """Slow per-sample transcription of the release's exemplar box on a pixel grid (util/datasets.py:148-178,
+def official_box(size, cfg, g):
+    """Slow per-sample transcription of the official exemplar box on a pixel grid (util/datasets.py:148-178,
     211-290, 330-353): draw the box, rotate a label map with expand, take the rotated box's bounding box and move
-    each corner that falls outside the rotated image along one side, in the release's order.
+    each corner that falls outside the rotated image along one side, in the official order.
     -> (area / image area, log(width / height)) of the exemplar."""
     deg = int(torch.randint(-cfg.rotation, cfg.rotation, (1,), generator=g))
     lo, hi = math.log(cfg.exemplar_ratio_min), math.log(cfg.exemplar_ratio_max)
@@ -135,10 +135,10 @@ def release_box(size, cfg, g):
     return eh * ew / size ** 2, math.log(ew / eh)
 
 
-def test_box_shape_distribution_matches_release_rule():
+def test_box_shape_distribution_matches_official_rule():
     cfg, q = Config(), torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])
     g = torch.Generator().manual_seed(0)
-    ref = torch.tensor([release_box(224, cfg, g) for _ in range(1500)])    # (n, 2): area, log aspect
+    ref = torch.tensor([official_box(224, cfg, g) for _ in range(1500)])    # (n, 2): area, log aspect
     ref_area, ref_aspect = ref[:, 0].quantile(q), ref[:, 1].abs().quantile(q)
     for rule in ("corner", "centre"):
         _, _, half = sample_boxes(20000, 1, dataclasses.replace(cfg, box_rule=rule), "cpu",
@@ -169,7 +169,7 @@ def test_ema_math_and_frozen_parts():
     assert not model.online.patch_embed.proj.weight.requires_grad               # frozen random projection
     assert not any(p.requires_grad for p in model.target.parameters())
     assert model.online.patch_embed.proj.bias.abs().max() == 0                    # zeroed before freezing
-    assert 0.9 < model.decoder_pred.weight.std() < 1.1                            # release's N(0, 1) head
+    assert 0.9 < model.decoder_pred.weight.std() < 1.1                            # official N(0, 1) head
     with torch.no_grad():
         for p in model.online.parameters():
             p.add_(torch.randn_like(p))
@@ -181,9 +181,9 @@ def test_ema_math_and_frozen_parts():
     from common import cosine_schedule, param_groups
     sched = cosine_schedule(0.99, 1.0, 100)
     assert sched[0] == 0.99 and 0.99999 < sched[-1] <= 1.0
-    decay, skip = ({id(p) for p in g["params"]} for g in param_groups(model, 0.05, skip_decay=release_no_decay))
+    decay, skip = ({id(p) for p in g["params"]} for g in param_groups(model, 0.05, skip_decay=official_no_decay))
     assert not (decay | skip) & {id(p) for p in model.target.parameters()}
-    assert id(model.online.cls_token) in decay and id(model.online.blocks[0].norm1.weight) in skip   # as the release
+    assert id(model.online.cls_token) in decay and id(model.online.blocks[0].norm1.weight) in skip   # as the official code
 
 
 def test_fp16_skipped_step_leaves_ema_alone():

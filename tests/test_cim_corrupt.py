@@ -168,7 +168,7 @@ def test_overfit_50_steps_lowers_enhancer_loss():
     opt = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-3)
     x, enh, gen = (torch.rand(1, 3, 32, 32) * 255).to(torch.uint8).expand(4, -1, -1, -1), [], []
     for _ in range(50):
-        loss, logs = model(x)
+        loss, logs = model(x, cfg.lam, cfg.sample_temperature)
         opt.zero_grad(), loss.backward(), opt.step()
         enh.append(logs["loss_enh"].item()), gen.append(logs["loss_gen"].item())
     assert sum(enh[-5:]) < 0.5 * sum(enh[:5]) and sum(gen[-5:]) < 0.5 * sum(gen[:5]), (enh[::5], gen[::5])
@@ -276,7 +276,7 @@ def lam_grads(monkeypatch, lam, **kw):
     cfg = tiny(lam=lam, depth=2, **kw)
     model, x = cc.CIM(cfg, cc.load_tokenizer(cfg)), smooth_images(4)
     torch.manual_seed(1)                                 # the same mask for both lam values
-    model(x)[0].backward()
+    model(x, cfg.lam, cfg.sample_temperature)[0].backward()
     return {n: p.grad for n, p in model.named_parameters()}
 
 

@@ -23,7 +23,7 @@ from torchvision.transforms.v2 import functional as TF
 from common import IMAGENET_MEAN, IMAGENET_STD, parse_config
 from conftest import ROOT
 from conmim import (Config, ConMIM, block_mask, color_jitter, conmim_loss, ema_update, gaussian_blur, grey,
-                    input_transform, jitter_op, main, official_skip_decay, optimizer_step, param_groups,
+                    input_transform, jitter_op, main, official_no_decay, optimizer_step, param_groups,
                     random_mps_mask, sample_mask, to_timm_layout, two_views)
 
 
@@ -144,7 +144,7 @@ def test_teacher_bn_statistics_are_its_own(teacher_bn):
     weak, strong = torch.randn(4, 3, 32, 32), 3 + 2 * torch.randn(4, 3, 32, 32)
     mask = sample_mask(parse_config(Config, ["--preset", "tiny"]), 4, "cpu")
     bn_t, bn_s = model.teacher_projector[1], model.projector[1]
-    model.loss_on_views(weak, strong, mask)
+    model.loss_on_views(weak, strong, mask, 0.1)
     model.ema_update(0.9)
     assert not torch.equal(bn_t.running_mean, bn_s.running_mean)
     if teacher_bn == "running":
@@ -157,7 +157,7 @@ def test_teacher_bn_statistics_are_its_own(teacher_bn):
 
 def test_weight_decay_groups_follow_the_official_code():
     model = ConMIM(parse_config(Config, ["--preset", "tiny"]))
-    decay, skip = param_groups(model, 0.05, skip_decay=official_skip_decay)
+    decay, skip = param_groups(model, 0.05, skip_decay=official_no_decay)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed, skipped = {names[id(p)] for p in decay["params"]}, {names[id(p)] for p in skip["params"]}
     assert {"mask_token", "student.rel_pos_bias.relative_position_bias_table", "projector.0.weight"} <= decayed
@@ -169,7 +169,7 @@ def test_weight_decay_groups_follow_the_official_code():
 def test_fp16_skipped_step_leaves_student_and_teacher_alone():
     torch.manual_seed(0)
     model = ConMIM(parse_config(Config, ["--preset", "tiny", "--depth", "2"])).train()
-    opt = torch.optim.AdamW(param_groups(model, 0.05, skip_decay=official_skip_decay), lr=1e-3)
+    opt = torch.optim.AdamW(param_groups(model, 0.05, skip_decay=official_no_decay), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     weak = torch.randn(4, 3, 32, 32)
     mask = sample_mask(parse_config(Config, ["--preset", "tiny"]), 4, "cpu")
@@ -177,7 +177,7 @@ def test_fp16_skipped_step_leaves_student_and_teacher_alone():
         model.teacher.blocks[0].attn.qkv.weight.add_(1.0)                            # teacher != student
     for poison in (True, False):
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        scaler.scale(model.loss_on_views(weak, weak, mask)[0]).backward()
+        scaler.scale(model.loss_on_views(weak, weak, mask, 0.1)[0]).backward()
         if poison:
             model.student.blocks[0].mlp.fc1.weight.grad[0, 0] = float("inf")
         optimizer_step(model, opt, scaler, 1.0, 0.5)
@@ -308,7 +308,7 @@ def test_strong_view_draws_like_the_official_pil_pipeline():
 def test_overfit_one_batch():
     """50 steps on one fixed batch and mask drive the loss far below log N. The relative position table starts
     random (as after some training): with BEiT's zero init every mask token of an image is identical until the
-    table has learned, which takes far more than 50 steps (README)."""
+    table has learned, which takes far more than 50 steps (docs/conmim.md, Presets)."""
     torch.manual_seed(0)
     cfg = parse_config(Config, ["--preset", "tiny", "--depth", "2"])
     model = ConMIM(cfg).train()
@@ -320,7 +320,7 @@ def test_overfit_one_batch():
     mask = sample_mask(cfg, 8, "cpu")
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3, betas=(0.9, 0.98))
     for _ in range(50):
-        loss, logs = model.loss_on_views(weak, strong, mask)
+        loss, logs = model.loss_on_views(weak, strong, mask, 0.1)
         opt.zero_grad()
         loss.backward()
         opt.step()
