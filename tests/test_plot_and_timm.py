@@ -49,7 +49,8 @@ def test_plot_log_draws_runs_and_skips_records_without_step(tmp_path):
         assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 1000
 
 
-BAD_INPUTS = ["missing folder", "unknown metric", "empty file", "no matplotlib"]
+BAD_INPUTS = {"missing folder": "steps.jsonl not found", "unknown metric": "no run logged 'iou'",
+              "empty file": "has no log records", "no matplotlib": "needs matplotlib"}
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
@@ -72,6 +73,7 @@ def test_plot_log_bad_input_is_one_error_line(tmp_path, case):
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     lines = r.stderr.splitlines()
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert BAD_INPUTS[case] in lines[0], lines[0]
     assert not png.exists()
 
 
