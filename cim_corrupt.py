@@ -562,6 +562,7 @@ def main(cfg):
 # The paper rows as given to this project (the text it holds does not state them: docs), and the
 # CPU presets.
 
+
 _TINY = dict(arch="vit_tiny", img_size=32, patch_size=4, batch_size=8, device="cpu", workers=0,
              epochs=1, log_every=1, warmup_epochs=0, drop_path=0.0, blr=1.5e-2, gen_depth=2,
              gen_dim=192, tokenizer="random", tok_vocab=512, tok_hid=64, tok_blocks=1,
@@ -741,6 +742,7 @@ def to_timm_layout(sd):
     return sd
 
 # --------------------------------------------------------- appendix: dVAE tokenizer (DALL-E layout)
+
 
 # DALL-E's logit_laplace_eps: pixels live in [0.1, 0.9], so the logit-Laplace likelihood is finite
 EPS = 0.1

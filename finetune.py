@@ -117,6 +117,7 @@ class Config:
 
 # ----------------------------------------------------------------------------- protocols
 
+
 # the geometric ops fill with the ImageNet mean pixel (124, 116, 104)
 FILL = tuple(round(255 * c) for c in IMAGENET_MEAN)
 
@@ -566,6 +567,7 @@ def validate(cfg):
         fail("--compile is for --mode finetune")
 
 # ------------------------------------------------------------------------ appendix: encoder loading
+
 
 VIT_SIZES = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6),   # name: (width, depth, heads)
              "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16)}
