@@ -245,7 +245,7 @@ def conmim_parity(path, args, rep):
     rep.line("forward: student features", max_diff(q, q_off), args.tol)
     rep.line("forward: teacher features", max_diff(k, k_off), args.tol)
 
-    # loss and gradients: our forward vs one step of the official train_one_epoch (its loss code as released)
+    # loss and gradients: our forward vs one step of the official train_one_epoch (its loss code as published)
     loss, _ = ours.loss_on_views(weak, strong, mask, cfg.tau)
     loss.backward()
     scaler, m = _CaptureScaler(), 0.9
@@ -337,7 +337,7 @@ def correlate_build(cim_correlate, official_cim, depth):
                                exemplar_size=16, num_exemplars=2, decoder_dim=128, decoder_heads=4, device="cpu")
     ours = cim_correlate.CorrelationalIM(cfg)
     perturb_(ours, 0.02, torch.Generator().manual_seed(1))
-    with torch.no_grad():   # our invariant (the release shares them): the target's cls token and positions = online's
+    with torch.no_grad():   # our invariant (the official code shares them): the target's cls token and positions = online's
         ours.target.cls_token.copy_(ours.online.cls_token)
         ours.target.pos_embed.copy_(ours.online.pos_embed)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -345,7 +345,7 @@ def correlate_build(cim_correlate, official_cim, depth):
         off = official_cim.CorrelationalAutoencoderViT(
             img_size=56, patch_size=4, embed_dim=192, depth=depth, num_heads=3, decoder_embed_dim=128,
             decoder_num_heads=4, mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6), context_size=40,
-            template_size=16, sigma_cont=0.0, sigma_corr=1.0)   # released script: --sigma_cont 0.0
+            template_size=16, sigma_cont=0.0, sigma_corr=1.0)   # official script: --sigma_cont 0.0
     unset = load_mapped(off, correlate_to_official(ours.state_dict()), ("decoder_g_embed", "decoder_predictor"))
     return cfg, ours, off, unset
 
@@ -387,7 +387,7 @@ def correlate_parity(path, args, rep):
     rep.line(f"EMA update (m={m})", max(max_diff(v, theirs[k]) for k, v in mapped.items() if k in theirs),
              args.tol)
 
-    # schedules at the released recipe: lr = blr x 4096 / 256, min lr, warmup, epochs (our Config defaults)
+    # schedules at the official recipe: lr = blr x 4096 / 256, min lr, warmup, epochs (our Config defaults)
     c, spe, acc = cim_correlate.Config(), args.sched_steps, args.accum_iter
     peak = c.blr * 4096 / 256
     ns = types.SimpleNamespace(lr=peak, min_lr=c.min_lr, warmup_epochs=c.warmup_epochs, epochs=c.epochs)
@@ -439,7 +439,7 @@ def main(argv=None):
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="of both models and the inputs; float64 separates the math from fp32 rounding")
     p.add_argument("--accum-iter", type=int, default=1,
-                   help="correlational: the official accum_iter for its schedules (released script: 2)")
+                   help="correlational: the official accum_iter for its schedules (official script: 2)")
     args = p.parse_args(argv)
     if not os.path.isdir(args.official):
         sys.exit(f"error: --official {args.official} is not a directory")
