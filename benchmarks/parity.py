@@ -273,7 +273,8 @@ def conmim_parity(path, args, rep):
         ema_off = utils.cosine_scheduler(c.ema_momentum, 1, c.epochs, spe)
     lr_ours, ema_ours = conmim_schedules(c, spe)
     sched_lines(rep, args, lr_ours, lr_off, ema_ours, ema_off,
-                f"lr {c.lr:g} -> {c.min_lr:g}, warmup {c.warmup_epochs} ep, EMA {c.ema_momentum} -> 1", c.warmup_epochs * spe)
+                f"lr {c.lr:g} -> {c.min_lr:g}, warmup {c.warmup_epochs} ep, EMA {c.ema_momentum} -> 1",
+                c.warmup_epochs * spe)
 
 
 def conmim_features(ours, weak, strong, mask):
@@ -337,7 +338,8 @@ def correlate_build(cim_correlate, official_cim, depth):
                                exemplar_size=16, num_exemplars=2, decoder_dim=128, decoder_heads=4, device="cpu")
     ours = cim_correlate.CorrelationalIM(cfg)
     perturb_(ours, 0.02, torch.Generator().manual_seed(1))
-    with torch.no_grad():   # our invariant (the official code shares them): the target's cls token and positions = online's
+    # our invariant (the official code shares them): the target's cls token and positions = online's
+    with torch.no_grad():
         ours.target.cls_token.copy_(ours.online.cls_token)
         ours.target.pos_embed.copy_(ours.online.pos_embed)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
