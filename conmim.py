@@ -33,9 +33,9 @@ from torchvision.ops import stochastic_depth
 from torchvision.utils import save_image
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, CropFlip, Run, accum_steps, batch_warning,
-                    build_dataset, build_loader, check_ranges, cosine_schedule, decode_mode,
-                    epoch_steps, fail, images_to, no_sync, param_groups, parse_config, print0,
-                    seed_all, setup_dist)
+                    build_dataset, build_loader, check_ranges, color_jitter, cosine_schedule,
+                    decode_mode, epoch_steps, fail, grey, images_to, no_sync, param_groups,
+                    parse_config, print0, seed_all, setup_dist)
 
 # ----------------------------------------------------------------------------- config
 
@@ -297,74 +297,6 @@ def two_views(images, gen=None):
     mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (x - mean) / std, (y - mean) / std
-
-
-def grey(x):
-    """(B, 3, H, W) -> (B, 1, H, W) luma with torchvision's weights (rgb_to_grayscale)."""
-    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
-
-
-def color_jitter(x, brightness, contrast, saturation, hue, gen=None):
-    """torchvision's ColorJitter on a batch in [0, 1]: every image draws its own factors,
-    U(1 - v, 1 + v) (hue: a shift U(-hue, hue)), and its own random order of the four adjustments
-    (jitter_op). A zero strength is skipped, as torchvision skips None. (B, 3, H, W) -> same."""
-    B = x.shape[0]
-    dev = x.device
-    strengths = (brightness, contrast, saturation, hue)
-    u = 2 * torch.rand(4, B, 1, 1, 1, device=dev, generator=gen) - 1          # U[-1, 1)
-    # brightness, contrast, saturation: a factor around 1; hue: a shift around 0
-    factors = [u[op] * v + (op < 3) for op, v in enumerate(strengths)]
-    # (B, 4) a permutation
-    order = torch.rand(B, 4, device=dev, generator=gen).argsort(1)
-    for k in range(4):
-        for op, v in enumerate(strengths):
-            if v:
-                chosen = order[:, k].view(B, 1, 1, 1) == op
-                x = torch.where(chosen, jitter_op(x, op, factors[op]), x)
-    return x
-
-
-def jitter_op(x, op, f):
-    """torchvision's adjust_brightness / contrast / saturation / hue (op 0-3) on float images, one
-    factor per image, f (B, 1, 1, 1)."""
-    if op == 0:
-        y = x * f
-    elif op == 1:
-        y = f * x + (1 - f) * grey(x).mean((2, 3), keepdim=True)
-    elif op == 2:
-        y = f * x + (1 - f) * grey(x)
-    else:
-        y = adjust_hue(x, f.view(-1, 1, 1))
-    return y.clamp(0, 1)
-
-
-def adjust_hue(x, shift):
-    """torchvision's adjust_hue with one shift per image: RGB -> HSV, h + shift mod 1, -> RGB.
-    x (B, 3, H, W), shift (B, 1, 1)."""
-    r, g, b = x.unbind(1)                                                      # 3 x (B, H, W)
-    maxc = x.max(1).values
-    minc = x.min(1).values
-    flat = maxc == minc
-    span = torch.where(flat, torch.ones_like(maxc), maxc - minc)
-    s = (maxc - minc) / torch.where(flat, torch.ones_like(maxc), maxc)
-    rc = (maxc - r) / span
-    gc = (maxc - g) / span
-    bc = (maxc - b) / span
-    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = torch.fmod(h / 6.0 + 1.0, 1.0)
-    h = (h + shift) % 1.0
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.long() % 6
-    v = maxc
-    p = (v * (1 - s)).clamp(0, 1)
-    q = (v * (1 - s * f)).clamp(0, 1)
-    t = (v * (1 - s * (1 - f))).clamp(0, 1)
-    # the six sectors of the hue circle: (r, g, b) is one of these triples
-    sectors = ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))
-    table = torch.stack([torch.stack(c) for c in sectors])                    # (6, 3, B, H, W)
-    index = i[None, None].expand(1, 3, *i.shape)
-    return table.gather(0, index)[0].transpose(0, 1)                           # (B, 3, H, W)
 
 
 def gaussian_blur(x, sigma, taps=13):

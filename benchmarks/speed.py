@@ -230,7 +230,8 @@ def main():
 
 # ----------------------------------------------------------------------------- --loader: input pipelines on JPEGs
 # Device step rates (img/s) each pipeline has to feed: benchmarks/README.md#how-fast-is-it, one H200,
-# bf16, eager, ViT-B/16, per-GPU batch 64, measured 2026-11-27. The fine-tuning rows feed a classifier step (timm ViT-B/16's rate).
+# bf16, eager, ViT-B/16, per-GPU batch 64, measured 2026-11-27. The fine-tuning rows feed a classifier step
+# (timm ViT-B/16's rate).
 STEP_RATES = {"conmim": 798.6, "cim_correlate": 1400.9, "cim_corrupt": 467.6, "classifier": 2390.5}
 
 

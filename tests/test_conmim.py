@@ -23,8 +23,9 @@ from torchvision.transforms.v2 import functional as TF
 from common import IMAGENET_MEAN, IMAGENET_STD, parse_config
 from conftest import ROOT
 from conmim import (Config, ConMIM, block_mask, color_jitter, conmim_loss, ema_update, gaussian_blur, grey,
-                    input_transform, jitter_op, main, official_no_decay, optimizer_step, param_groups,
+                    input_transform, main, official_no_decay, optimizer_step, param_groups,
                     random_mps_mask, sample_mask, to_timm_layout, two_views)
+from common import jitter_op
 
 
 def slow_loss(q, k, mask, tau, cross_image):
@@ -57,7 +58,8 @@ def test_loss_matches_per_patch_loop(cross_image):
 
 
 def test_loss_limits():
-    q = torch.randn(2, 16, 8)
+    # seeded: with unseeded draws two of 16 random 8-d features are now and then nearly parallel
+    q = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(0))
     mask = torch.ones(2, 16, dtype=torch.bool)
     assert conmim_loss(q, q, mask, tau=0.01)[0] < 1e-3                              # own key wins by far
     same = conmim_loss(q, torch.ones(2, 16, 8), mask, tau=0.1)[0]                    # all keys equal: uniform
